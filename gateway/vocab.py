@@ -1,0 +1,77 @@
+"""The gateway's shared vocabulary: small frozen dataclasses passed between the cores.
+
+Everything that crosses a component boundary carries explicit sequence numbers
+(``turn``, ``seq``, ``index``) so that no component ever relies on arrival order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SAMPLE_RATE = 24_000
+"""SNAC 24 kHz: the only rate the gateway produces."""
+
+SAMPLES_PER_FRAME = 2048
+"""One Orpheus frame (7 tokens) decodes to 2048 samples, 85.33 ms at 24 kHz."""
+
+CODES_PER_FRAME = 7
+
+BYTES_PER_SAMPLE = 2
+"""PCM is signed 16-bit little-endian mono."""
+
+Frame = tuple[int, int, int, int, int, int, int]
+"""One Orpheus audio frame: codes f0..f6, each in 0..4095, in slot order."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextSegment:
+    """A speakable piece of text cut by the segmenter.
+
+    ``text`` is exactly what is spoken (after speech normalisation); ``reason`` says why
+    the segmenter cut here, which helps when tuning the policy.
+    """
+
+    text: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentKey:
+    """Identifies one segment within a session: turns count from 0, segments from 0 per turn."""
+
+    turn: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    """PCM for one segment. ``index`` orders the chunks within the segment."""
+
+    turn: int
+    seq: int
+    index: int
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEnd:
+    """A segment finished normally after ``chunks`` audio chunks (indices 0..chunks-1)."""
+
+    turn: int
+    seq: int
+    chunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentFailed:
+    """A segment failed after ``chunks`` audio chunks were produced; those still play."""
+
+    turn: int
+    seq: int
+    chunks: int
+    code: str
+    message: str
+
+
+SegmentItem = AudioChunk | SegmentEnd | SegmentFailed
+"""What producers push into the reorder buffer and what it releases, in order."""
