@@ -76,7 +76,7 @@ def audio_token_text(slot: int, code: int) -> str:
 
 
 def frames_to_levels(frames: list[Frame]) -> tuple[list[int], list[int], list[int]]:
-    """Spread frames over SNAC's three codebook levels: ``[f0]``, ``[f1, f4]``, ``[f2, f3, f5, f6]``.
+    """Spread frames over the three SNAC levels: ``[f0]``, ``[f1, f4]``, ``[f2, f3, f5, f6]``.
 
     Level 0 runs at 1 code per frame, level 1 at 2 and level 2 at 4: the temporal
     resolutions of the 24 kHz SNAC model.

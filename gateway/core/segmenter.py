@@ -1,0 +1,576 @@
+"""Streaming sentence segmenter: cuts LLM text deltas into speakable segments.
+
+Text arrives in deltas of any size, cut anywhere. The segmenter releases a segment the
+moment its end is *certain*, and its decisions depend only on the text, never on how the
+text was chunked (chunking invariance). That is achieved by construction: every boundary
+decision is a function of the text up to a bounded look-ahead, and when the look-ahead is
+not there yet the segmenter waits instead of guessing. ``flush()`` ends the turn, and the
+end of text then settles every pending decision.
+
+Two stages:
+
+1. :class:`_Prefilter` (streaming, char by char) drops fenced code blocks and collapses
+   whitespace runs to ``" "``, ``"\\n"`` or ``"\\n\\n"`` (paragraph break). Collapsing keeps
+   the working buffer bounded however much whitespace a model emits.
+2. :meth:`Segmenter._scan` walks the buffer from the segment start and finds the first cut:
+   sentence ends (``. ! ? …``, runs like ``?!``, CJK ``。！？``), paragraph breaks, markdown
+   list items and headings, a clause boundary for a fast first segment, or a forced split
+   of an over-long sentence. Each segment is then normalised for speech (markdown removed,
+   emoji removed, emotion tags such as ``<laugh>`` kept verbatim).
+
+Why wait for the next non-space character after ``.``: "Dr. Smith", "e.g. this", "J. R. R.
+Tolkien" and "wait... what" are only told apart from "end. Next" by what follows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.vocab import TextSegment
+
+# ----------------------------------------------------------------------------------------
+# Policy
+
+
+@dataclass(frozen=True, slots=True)
+class SegmenterOptions:
+    fast_first: bool = True
+    """The first segment of a turn may end at a clause boundary, for early first audio."""
+    first_clause_min_chars: int = 20
+    min_chars: int = 40
+    """Later sentences shorter than this merge with the next one."""
+    max_chars: int = 180
+    """Hard ceiling per segment: ~180 chars is ~12 s of speech, under one request's 14.6 s."""
+    idle_flush_ms: int = 800
+    """Release stalled text at a clause boundary after this long without input; 0 = off."""
+    normalize: bool = True
+
+
+# ----------------------------------------------------------------------------------------
+# Character classes
+
+_SENT_TERM = frozenset(".!?…")
+_CJK_TERM = frozenset("。！？")
+_CLOSERS = frozenset("\"'”’»)]}*_~`」』）】")
+_OPENERS = frozenset("\"'“‘«([{*_~`「『（【")
+_CLAUSE = frozenset(",;:")
+_CJK_CLAUSE = frozenset("，、；：")
+_DASHES = frozenset("—–")
+
+# Titles and abbreviations that are (almost) never the end of a sentence. Stored without
+# the final dot, lower case.
+_NO_BREAK_ABBR = frozenset(
+    [
+        "dr",
+        "mr",
+        "mrs",
+        "ms",
+        "mx",
+        "prof",
+        "st",
+        "mt",
+        "gen",
+        "col",
+        "lt",
+        "sgt",
+        "capt",
+        "cmdr",
+        "hon",
+        "gov",
+        "sen",
+        "rep",
+        "pres",
+        "vs",
+        "approx",
+        "e.g",
+        "i.e",
+        "cf",
+        "esp",
+        "incl",
+        "viz",
+        "al",
+    ]
+)
+# Abbreviations that are also ordinary words ("no", "vol", "sec"): they do not end a
+# sentence only when a number follows ("No. 5", "Fig. 3").
+_NUMERIC_ABBR = frozenset(
+    ["no", "nos", "fig", "figs", "vol", "ch", "sec", "pp", "p", "op", "ex", "ref", "eq", "art"]
+)
+# Abbreviations that may also end a sentence: a capital letter after them means a new one.
+_MAY_END_ABBR = frozenset(
+    [
+        "etc",
+        "inc",
+        "co",
+        "ltd",
+        "corp",
+        "llc",
+        "jr",
+        "sr",
+        "a.m",
+        "p.m",
+        "am",
+        "pm",
+        "u.s.a",
+        "ave",
+        "blvd",
+        "rd",
+        "dept",
+        "univ",
+        "bros",
+    ]
+)
+_DOTTED_ACRONYM = re.compile(r"^(?:[A-Za-z]{1,3}\.)+[A-Za-z]{1,3}$")
+_LIST_LINE = re.compile(r"^(?:[-*+•]|\d{1,3}[.)]|[A-Za-z][.)])[ \t]")
+_LIST_LINE_PREFIX = re.compile(r"^(?:[-*+•]|\d{1,3}[.)]?|[A-Za-z][.)]?)$")
+
+
+# ----------------------------------------------------------------------------------------
+# Speech normalisation (applied to each cut segment)
+
+_RE_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)\s]*(?:\s+\"[^\"]*\")?\)")
+_RE_LINK = re.compile(r"\[([^\]]+)\]\([^)\s]*(?:\s+\"[^\"]*\")?\)")
+_RE_AUTOLINK = re.compile(r"<((?:https?|mailto):[^>\s]+)>")
+_RE_INLINE_CODE = re.compile(r"`([^`\n]*)`")
+_RE_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.M)
+_RE_QUOTE = re.compile(r"^[ \t]*>[ \t]?", re.M)
+_RE_BULLET = re.compile(r"^[ \t]*[-*+•][ \t]+", re.M)
+_RE_RULE = re.compile(r"^[ \t]*(?:[-*_][ \t]*){3,}$", re.M)
+_RE_STRONG = re.compile(r"(\*\*|__|~~)(?=\S)(.+?)(?<=\S)\1", re.S)
+_RE_EM_STAR = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])", re.S)
+_RE_EM_UNDER = re.compile(r"(?<![\w_])_(?=[^\s_])(.+?)(?<=[^\s_])_(?![\w_])", re.S)
+_RE_STRAY = re.compile(r"\*\*+|__+|~~+")
+_RE_WS = re.compile(r"\s+")
+_RE_EMOJI = re.compile(
+    r"\s*[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u200D\uFE0E\uFE0F\u20E3"
+    r"\U000E0020-\U000E007F]+"
+)
+
+
+def speakable(raw: str) -> str:
+    """What Orpheus should say for ``raw``: markdown and emoji removed, whitespace collapsed.
+
+    Emotion tags (``<laugh>``, ``<sigh>`` …) and any other ``<...>`` text are left
+    untouched: Orpheus understands the tags and they are not markup.
+    """
+    s = _RE_IMAGE.sub(r"\1", raw)
+    s = _RE_LINK.sub(r"\1", s)
+    s = _RE_AUTOLINK.sub(r"\1", s)
+    s = _RE_INLINE_CODE.sub(r"\1", s)
+    s = _RE_RULE.sub("", s)
+    s = _RE_HEADING.sub("", s)
+    s = _RE_QUOTE.sub("", s)
+    s = _RE_BULLET.sub("", s)
+    for _ in range(3):  # nested emphasis like ***x*** needs more than one pass
+        s2 = _RE_STRONG.sub(r"\2", s)
+        s2 = _RE_EM_STAR.sub(r"\1", s2)
+        s2 = _RE_EM_UNDER.sub(r"\1", s2)
+        if s2 == s:
+            break
+        s = s2
+    s = _RE_STRAY.sub("", s)
+    # Drop emoji with the space before them, so "funny 😀!" reads "funny!".
+    s = _RE_EMOJI.sub("", s)
+    return _RE_WS.sub(" ", s).strip()
+
+
+def _plain(raw: str) -> str:
+    return _RE_WS.sub(" ", raw).strip()
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 1: streaming prefilter
+
+
+class _Prefilter:
+    """Drops fenced code blocks and collapses whitespace, streaming.
+
+    A line that starts (after up to 3 spaces) with ``````` or ``~~~`` opens a fence; the
+    matching fence line closes it. Code is not spoken; the block becomes a paragraph
+    break so that the text around it is never glued together.
+    """
+
+    def __init__(self) -> None:
+        self._out: list[str] = []
+        self._ws_newlines = -1  # -1: no pending whitespace; else newlines in the pending run
+        self._line_start = True
+        self._held = ""  # line-start characters that might still become a fence
+        self._in_fence = False
+        self._fence = ""
+        self._skip_line = False  # rest of a fence line (info string / closing line)
+
+    def feed(self, text: str) -> str:
+        for ch in text:
+            self._char(ch)
+        out = "".join(self._out)
+        self._out.clear()
+        return out
+
+    def flush(self) -> str:
+        if self._held and not self._in_fence:
+            held, self._held = self._held, ""
+            for ch in held:
+                self._emit(ch)
+        self._held = ""
+        # Trailing whitespace is dropped: the turn ends here.
+        out = "".join(self._out)
+        self.__init__()  # type: ignore[misc]  # reset for the next turn
+        return out
+
+    def _emit(self, ch: str) -> None:
+        if ch in " \t\r\n\f\v\u00a0\u2028\u2029":
+            nl = 1 if ch in "\n\u2028\u2029" else 0
+            self._ws_newlines = max(self._ws_newlines, 0) + nl
+            return
+        if self._ws_newlines >= 0:
+            n = self._ws_newlines
+            self._out.append("\n\n" if n >= 2 else "\n" if n == 1 else " ")
+            self._ws_newlines = -1
+        self._out.append(ch)
+
+    def _paragraph_break(self) -> None:
+        self._ws_newlines = max(self._ws_newlines, 0) + 2
+
+    def _char(self, ch: str) -> None:
+        if self._skip_line:
+            if ch == "\n":
+                self._skip_line = False
+                self._line_start = True
+                if not self._in_fence:
+                    self._paragraph_break()
+            return
+        if self._line_start:
+            cand = self._held + ch
+            stripped = cand.lstrip(" ")
+            lead = len(cand) - len(stripped)
+            marker = self._fence if self._in_fence else None
+            if lead <= 3 and _fence_prefix(stripped, marker):
+                if _fence_complete(stripped, marker):
+                    self._held = ""
+                    self._line_start = False
+                    self._skip_line = True
+                    if self._in_fence:
+                        self._in_fence = False
+                    else:
+                        self._in_fence = True
+                        self._fence = stripped[:3]
+                        self._paragraph_break()
+                else:
+                    self._held = cand
+                return
+            # Not a fence: release what was held, then continue normally.
+            self._held = ""
+            self._line_start = False
+            if self._in_fence:
+                self._line_start = ch == "\n"
+                return
+            for c in cand[:-1]:
+                self._emit(c)
+            self._plain_char(ch)
+            return
+        if self._in_fence:
+            if ch == "\n":
+                self._line_start = True
+            return
+        self._plain_char(ch)
+
+    def _plain_char(self, ch: str) -> None:
+        self._emit(ch)
+        if ch == "\n":
+            self._line_start = True
+
+
+def _fence_prefix(s: str, marker: str | None) -> bool:
+    if not s:
+        return True
+    if marker is not None:
+        return marker.startswith(s[:3]) and (len(s) <= 3 or s.startswith(marker))
+    return "```".startswith(s[:3]) or "~~~".startswith(s[:3])
+
+
+def _fence_complete(s: str, marker: str | None) -> bool:
+    if marker is not None:
+        return s.startswith(marker)
+    return s.startswith("```") or s.startswith("~~~")
+
+
+# ----------------------------------------------------------------------------------------
+# Stage 2: boundary scanner
+
+_NEED_MORE = -1
+_NO = 0
+_CUT = 1
+
+
+@dataclass(slots=True)
+class _Cut:
+    end: int  # cut position in the buffer (segment = buf[:end])
+    reason: str
+
+
+class Segmenter:
+    """Sans-I/O streaming segmenter. ``feed``/``tick``/``flush`` return newly cut segments."""
+
+    def __init__(
+        self, options: SegmenterOptions | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self.options = options or SegmenterOptions()
+        self._clock = clock
+        self._pre = _Prefilter()
+        self._buf = ""
+        self._first = True
+        self._last_input: float | None = None
+
+    # -- public API ------------------------------------------------------------------
+
+    @property
+    def pending(self) -> str:
+        """Text received but not yet released (after prefiltering)."""
+        return self._buf
+
+    def feed(self, delta: str) -> list[TextSegment]:
+        if self._clock is not None:
+            self._last_input = self._clock()
+        self._buf += self._pre.feed(delta)
+        return self._drain(final=False)
+
+    def tick(self) -> list[TextSegment]:
+        """Idle flush: call periodically. Stalled text is released at a clause boundary."""
+        opts = self.options
+        if (
+            opts.idle_flush_ms <= 0
+            or self._clock is None
+            or self._last_input is None
+            or not self._buf.strip()
+            or (self._clock() - self._last_input) * 1000.0 < opts.idle_flush_ms
+        ):
+            return []
+        out = self._drain(final=False)
+        cut = self._scan(final=True, idle=True)
+        if cut is not None:
+            out.extend(self._emit(cut))
+        self._last_input = self._clock()  # at most one idle release per idle period
+        return out
+
+    def flush(self) -> list[TextSegment]:
+        """End of turn: release everything, then reset per-turn state."""
+        self._buf += self._pre.flush()
+        out = self._drain(final=True)
+        if self._buf.strip():
+            out.extend(self._emit(_Cut(len(self._buf), "end")))
+        self._buf = ""
+        self._first = True
+        self._last_input = None
+        return out
+
+    def reset(self) -> None:
+        """Drop everything (interrupt)."""
+        self._pre = _Prefilter()
+        self._buf = ""
+        self._first = True
+        self._last_input = None
+
+    # -- internals -------------------------------------------------------------------
+
+    def _drain(self, final: bool) -> list[TextSegment]:
+        out: list[TextSegment] = []
+        while True:
+            cut = self._scan(final=final, idle=False)
+            if cut is None:
+                return out
+            out.extend(self._emit(cut))
+
+    def _emit(self, cut: _Cut) -> list[TextSegment]:
+        raw = self._buf[: cut.end]
+        self._buf = self._buf[cut.end :].lstrip(" \n")
+        text = speakable(raw) if self.options.normalize else _plain(raw)
+        if not text:
+            return []
+        self._first = False
+        return [TextSegment(text=text, reason=cut.reason)]
+
+    def _length(self, raw: str) -> int:
+        return len(speakable(raw)) if self.options.normalize else len(_plain(raw))
+
+    def _scan(self, *, final: bool, idle: bool) -> _Cut | None:
+        """Find the first certain cut in the buffer, or None to wait for more text."""
+        buf = self._buf
+        n = len(buf)
+        opts = self.options
+        last_sentence = -1  # sentence ends skipped because the segment was still short
+        last_clause = -1
+        i = 0
+        # Skip leading whitespace left over from the previous cut.
+        while i < n and buf[i] in " \n":
+            i += 1
+        start = i
+        while i < n:
+            if i - start >= opts.max_chars:
+                return self._long_cut(buf, start, last_sentence, last_clause)
+            ch = buf[i]
+            if ch == "\n":
+                verdict = self._newline(buf, i, start, final)
+                if verdict == _NEED_MORE:
+                    return None
+                if verdict == _CUT and self._length(buf[:i]) > 0:
+                    return _Cut(i, "paragraph")
+                i += 1
+                continue
+            if ch in _SENT_TERM or ch in _CJK_TERM:
+                end, verdict = self._terminator(buf, i, start, final)
+                if verdict == _NEED_MORE:
+                    if idle and end >= 0:
+                        return _Cut(end, "idle")
+                    return None
+                if verdict == _CUT:
+                    if self._first or idle or self._length(buf[:end]) >= opts.min_chars:
+                        return _Cut(end, "sentence")
+                    last_sentence = end
+                i = max(end, i + 1)
+                continue
+            if ch in _CLAUSE or ch in _CJK_CLAUSE or ch in _DASHES or ch == "-":
+                end, verdict = self._clause(buf, i, final)
+                if verdict == _NEED_MORE:
+                    if idle:
+                        break
+                    return None
+                if verdict == _CUT:
+                    last_clause = end
+                    if (
+                        self._first
+                        and opts.fast_first
+                        and self._length(buf[:end]) >= opts.first_clause_min_chars
+                    ):
+                        return _Cut(end, "clause")
+                i = max(end, i + 1)
+                continue
+            i += 1
+        if idle:
+            if last_sentence > 0:
+                return _Cut(last_sentence, "idle")
+            if last_clause > 0:
+                return _Cut(last_clause, "idle")
+        return None
+
+    def _long_cut(self, buf: str, start: int, last_sentence: int, last_clause: int) -> _Cut:
+        limit = start + self.options.max_chars
+        floor = start + self.options.max_chars // 4  # avoid leaving a tiny fragment
+        if last_sentence > floor:
+            return _Cut(last_sentence, "length")
+        if last_clause > floor:
+            return _Cut(last_clause, "length")
+        ws = buf.rfind(" ", floor, limit)
+        if ws == -1:
+            ws = buf.rfind("\n", floor, limit)
+        if ws > start:
+            return _Cut(ws, "length")
+        # No space in a whole segment's worth of text: cut hard, but never inside a tag.
+        lt = buf.rfind("<", start, limit)
+        if lt > start and ">" not in buf[lt:limit]:
+            return _Cut(lt, "length")
+        return _Cut(limit, "length")
+
+    def _newline(self, buf: str, i: int, start: int, final: bool) -> int:
+        """A newline: paragraph break, list item or heading boundary, or a soft wrap."""
+        n = len(buf)
+        if i + 1 < n and buf[i + 1] == "\n":
+            return _CUT
+        line_begin = buf.rfind("\n", start, i) + 1
+        if line_begin < start:
+            line_begin = start
+        if buf[line_begin:i].lstrip().startswith("#"):
+            return _CUT  # the line that ends here is a heading
+        nxt = buf[i + 1 : i + 6]
+        if _LIST_LINE.match(nxt) or nxt.startswith(("#", ">", "|")):
+            return _CUT
+        if i + 1 >= n or (len(nxt) < 5 and _LIST_LINE_PREFIX.match(nxt.rstrip(" "))):
+            # Could still become a list marker ("\n1" -> "\n1. "); wait unless at the end.
+            return _CUT if final and i + 1 >= n else (_NO if final else _NEED_MORE)
+        return _NO
+
+    def _terminator(self, buf: str, i: int, start: int, final: bool) -> tuple[int, int]:
+        """Decide a sentence end at a terminator run starting at ``i``.
+
+        Returns ``(end, verdict)``, ``end`` being the cut position after the run and any
+        closing quotes/brackets (or -1 if the run itself is not complete yet).
+        """
+        n = len(buf)
+        j = i
+        while j < n and (buf[j] in _SENT_TERM or buf[j] in _CJK_TERM):
+            j += 1
+        k = j
+        while k < n and buf[k] in _CLOSERS:
+            k += 1
+        run = buf[i:j]
+        if k >= n:
+            # The run or its closers may continue ("?" -> "?!", "." -> "...").
+            return (k, _CUT if final else _NEED_MORE)
+        cjk = any(c in _CJK_TERM for c in run)
+        nxt = buf[k]
+        if nxt not in " \n":
+            if cjk:
+                return (k, _CUT)
+            return (k, _NO)  # "2.4", "e.g", "example.com", "wait…what"
+        # Whitespace follows: look at the next significant character.
+        m = k
+        while m < n and buf[m] in " \n":
+            m += 1
+        while m < n and buf[m] in _OPENERS:
+            m += 1
+        if m >= n:
+            return (k, _CUT if final else _NEED_MORE)
+        follower = buf[m]
+        if cjk or "!" in run or "?" in run:
+            if follower.islower() and k > j and buf[k - 1] in "\"'”’»":
+                return (k, _NO)  # dialogue attribution: '"Really?" she asked.'
+            return (k, _CUT)
+        if follower.islower():
+            # "e.g. this", "approx. five", "wait... what": the sentence goes on.
+            return (k, _NO)
+        if run == ".":
+            word = _word_before(buf, i, start)
+            lw = word.lower()
+            if lw in _NO_BREAK_ABBR:
+                return (k, _NO)
+            if lw in _NUMERIC_ABBR and follower.isdigit():
+                return (k, _NO)
+            if lw in _MAY_END_ABBR:
+                return (k, _CUT if follower.isupper() else _NO)
+            if len(word) == 1 and word.isalpha() and word.isupper():
+                return (k, _NO)  # an initial: "J. R. R. Tolkien"
+            if _DOTTED_ACRONYM.match(word):
+                return (k, _NO)  # "U.S. Army", "Ph.D. thesis": merging is the safe error
+            if word.isdigit() or (len(word) == 1 and word.isalpha()):
+                line_begin = max(buf.rfind("\n", 0, i) + 1, start)
+                if buf[line_begin:i].strip() == word:
+                    return (k, _NO)  # a list marker "1. " / "a. " at the start of a line
+        return (k, _CUT)
+
+    def _clause(self, buf: str, i: int, final: bool) -> tuple[int, int]:
+        """A clause boundary: ``, ; :`` or a dash, followed by whitespace."""
+        n = len(buf)
+        ch = buf[i]
+        if ch == "-":
+            # Only a spaced hyphen " - " is a dash; "well-known" and "-3.5" are not.
+            if i == 0 or buf[i - 1] != " ":
+                return (i + 1, _NO)
+            if i + 1 >= n:
+                return (i + 1, _NO if final else _NEED_MORE)
+            return (i + 1, _CUT if buf[i + 1] == " " else _NO)
+        if ch in _CJK_CLAUSE or ch in _DASHES:
+            return (i + 1, _CUT)
+        k = i + 1
+        while k < n and buf[k] in _CLOSERS:
+            k += 1
+        if k >= n:
+            return (k, _NO if final else _NEED_MORE)
+        return (k, _CUT if buf[k] in " \n" else _NO)  # "1,000" and "10:30" are not clauses
+
+
+def _word_before(buf: str, i: int, start: int) -> str:
+    j = i
+    while j > start and buf[j - 1] not in " \n" and buf[j - 1] not in _OPENERS:
+        j -= 1
+    return buf[j:i]
