@@ -1,7 +1,12 @@
 """The gateway's shared vocabulary: small frozen dataclasses passed between the cores.
 
 Everything that crosses a component boundary carries explicit sequence numbers
-(``turn``, ``seq``, ``index``) so that no component ever relies on arrival order.
+(``epoch``, ``seq``, ``index``) so that no component ever relies on arrival order.
+
+``epoch`` counts resets of a session's pipeline (an interrupt starts a new epoch): work
+that raced an interrupt carries an old epoch and is discarded. ``seq`` numbers segments
+within an epoch across turns, so that a later turn's audio follows the earlier one's;
+the protocol maps it back to the client-facing ``(turn, seq-in-turn)``.
 """
 
 from __future__ import annotations
@@ -36,18 +41,10 @@ class TextSegment:
 
 
 @dataclass(frozen=True, slots=True)
-class SegmentKey:
-    """Identifies one segment within a session: turns count from 0, segments from 0 per turn."""
-
-    turn: int
-    seq: int
-
-
-@dataclass(frozen=True, slots=True)
 class AudioChunk:
     """PCM for one segment. ``index`` orders the chunks within the segment."""
 
-    turn: int
+    epoch: int
     seq: int
     index: int
     pcm: bytes
@@ -57,7 +54,7 @@ class AudioChunk:
 class SegmentEnd:
     """A segment finished normally after ``chunks`` audio chunks (indices 0..chunks-1)."""
 
-    turn: int
+    epoch: int
     seq: int
     chunks: int
 
@@ -66,7 +63,7 @@ class SegmentEnd:
 class SegmentFailed:
     """A segment failed after ``chunks`` audio chunks were produced; those still play."""
 
-    turn: int
+    epoch: int
     seq: int
     chunks: int
     code: str

@@ -10,8 +10,8 @@ The buffer releases, in order:
 * a failure in the failed segment's place: chunks it produced before failing are released
   first, then the failure, then later segments keep flowing.
 
-Nothing relies on arrival order: every item carries ``(turn, seq, index)``. Items of an
-older turn (work that raced an interrupt) are discarded and counted. Memory is bounded:
+Nothing relies on arrival order: every item carries ``(epoch, seq, index)``. Items of an
+older epoch (work that raced an interrupt) are discarded and counted. Memory is bounded:
 audio held for non-head segments may not exceed ``max_bytes``, and only
 ``max_segments`` segments may be open ahead of the head; overflow raises
 :class:`~gateway.errors.BufferOverflowError` rather than growing.
@@ -40,19 +40,19 @@ class ReorderBuffer:
             raise ValueError("limits must be positive")
         self.max_bytes = max_bytes
         self.max_segments = max_segments
-        self._turn = 0
+        self._epoch = 0
         self._head = 0  # the next segment to release
         self._pending: dict[int, _Pending] = {}
         self._buffered_bytes = 0
         self._out: list[SegmentItem] = []
         self.stale_items = 0
-        """Items for an older turn that arrived after a reset (dropped on purpose)."""
+        """Items of an older epoch that arrived after a reset (dropped on purpose)."""
 
     # -- queries ---------------------------------------------------------------------
 
     @property
-    def turn(self) -> int:
-        return self._turn
+    def epoch(self) -> int:
+        return self._epoch
 
     @property
     def head(self) -> int:
@@ -67,11 +67,11 @@ class ReorderBuffer:
     # -- input -----------------------------------------------------------------------
 
     def push(self, item: SegmentItem) -> None:
-        if item.turn != self._turn:
-            if item.turn < self._turn:
+        if item.epoch != self._epoch:
+            if item.epoch < self._epoch:
                 self.stale_items += 1
                 return
-            raise ProtocolError(f"item for turn {item.turn} before reset to it (at {self._turn})")
+            raise ProtocolError(f"item for epoch {item.epoch} before reset to it ({self._epoch})")
         seq = item.seq
         if seq < self._head:
             raise ProtocolError(f"item for segment {seq}, which has already ended")
@@ -104,11 +104,29 @@ class ReorderBuffer:
             p.final = item
         self._release()
 
-    def reset(self, turn: int) -> None:
-        """Interrupt or new turn: drop everything held and accept items of ``turn`` only."""
-        if turn < self._turn:
-            raise ProtocolError(f"turn {turn} is older than {self._turn}")
-        self._turn = turn
+    def retract(self, epoch: int, seq: int) -> bool:
+        """Take back a segment's held audio so that it can be produced again from chunk 0.
+
+        Upstream retries use this: a retry is allowed only while none of the segment's
+        audio has been released toward the client. Returns False when some has (the
+        caller must then fail the segment instead of retrying).
+        """
+        if epoch != self._epoch or seq < self._head:
+            return False
+        p = self._pending.get(seq)
+        if p is None:
+            return True
+        if p.next_index > 0 or p.final is not None:
+            return False
+        self._buffered_bytes -= sum(len(b) for b in p.chunks.values())
+        del self._pending[seq]
+        return True
+
+    def reset(self, epoch: int) -> None:
+        """Interrupt: drop everything held and accept items of ``epoch`` only."""
+        if epoch < self._epoch:
+            raise ProtocolError(f"epoch {epoch} is older than {self._epoch}")
+        self._epoch = epoch
         self._head = 0
         self._pending.clear()
         self._buffered_bytes = 0
@@ -135,7 +153,7 @@ class ReorderBuffer:
             while p.next_index in p.chunks:
                 pcm = p.chunks.pop(p.next_index)
                 self._buffered_bytes -= len(pcm)
-                self._out.append(AudioChunk(self._turn, self._head, p.next_index, pcm))
+                self._out.append(AudioChunk(self._epoch, self._head, p.next_index, pcm))
                 p.next_index += 1
             if p.final is None or p.next_index < p.final.chunks:
                 return

@@ -9,8 +9,8 @@ from gateway.errors import BufferOverflowError, ProtocolError
 from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed, SegmentItem
 
 
-def chunk(seq: int, index: int, n: int = 4, turn: int = 0) -> AudioChunk:
-    return AudioChunk(turn, seq, index, bytes([seq % 256, index % 256]) * (n // 2))
+def chunk(seq: int, index: int, n: int = 4, epoch: int = 0) -> AudioChunk:
+    return AudioChunk(epoch, seq, index, bytes([seq % 256, index % 256]) * (n // 2))
 
 
 def test_head_audio_is_released_the_moment_it_arrives() -> None:
@@ -84,10 +84,10 @@ def test_reset_drops_everything_and_stale_items_are_discarded() -> None:
     rb.push(chunk(1, 0))
     rb.reset(1)
     assert rb.buffered_bytes == 0 and rb.head == 0
-    rb.push(chunk(0, 0, turn=0))  # a late item from the interrupted turn
+    rb.push(chunk(0, 0, epoch=0))  # a late item from the interrupted turn
     assert rb.take() == [] and rb.stale_items == 1
-    rb.push(chunk(0, 0, turn=1))
-    assert rb.take() == [chunk(0, 0, turn=1)]
+    rb.push(chunk(0, 0, epoch=1))
+    assert rb.take() == [chunk(0, 0, epoch=1)]
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,18 @@ def test_any_arrival_order_releases_the_same_sequence(
     released.extend(rb.flush())
     assert released == expected
     assert rb.buffered_bytes == 0
+
+
+def test_retract_takes_back_held_audio_until_some_is_released() -> None:
+    rb = ReorderBuffer()
+    rb.push(chunk(1, 0))
+    rb.push(chunk(1, 1))
+    assert rb.retract(0, 1) is True  # nothing of segment 1 reached the client yet
+    assert rb.buffered_bytes == 0
+    rb.push(chunk(1, 0))  # the retry starts again at chunk 0
+    rb.push(chunk(0, 0))
+    assert rb.retract(0, 0) is False  # head audio already went out
+    rb.push(SegmentEnd(0, 0, 1))
+    assert rb.take() == [chunk(0, 0), SegmentEnd(0, 0, 1), chunk(1, 0)]
+    assert rb.retract(0, 1) is False
+    assert rb.retract(0, 5) is True  # nothing held at all
