@@ -354,15 +354,17 @@ class Segmenter:
         self._last_input = self._clock()  # at most one idle release per idle period
         return out
 
-    def flush(self) -> list[TextSegment]:
-        """End of turn: release everything, then reset per-turn state."""
+    def flush(self, *, end_turn: bool = True) -> list[TextSegment]:
+        """Release everything buffered now. ``end_turn`` also resets per-turn state (the
+        fast-first rule applies again to the next text); ``text.flush`` keeps the turn."""
         self._buf += self._pre.flush()
         out = self._drain(final=True)
         if self._buf.strip():
             out.extend(self._emit(_Cut(len(self._buf), "end")))
         self._buf = ""
-        self._first = True
         self._last_input = None
+        if end_turn:
+            self._first = True
         return out
 
     def reset(self) -> None:

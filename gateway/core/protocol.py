@@ -1,0 +1,662 @@
+"""The session protocol state machine for ``/v1/tts/stream``, sans I/O.
+
+Modelled on python-websockets' ``protocol.py``: the runner feeds it what the client sent
+(:meth:`receive_text`, :meth:`receive_bytes`), what producers made (:meth:`push`, the
+``llm_*`` methods) and the passage of time (:meth:`tick`); it hands back frames to send
+(:meth:`data_to_send`) and work to start or cancel (:meth:`actions`). It never awaits,
+never touches a socket and never imports torch, so every protocol rule is unit-tested
+without a server.
+
+Numbering: the client sees turns from 0 and segments from 0 within each turn. Internally
+every segment also gets a session-wide ``seq`` within the current *epoch* (an interrupt
+starts a new epoch); the reorder buffer orders by that, so a later turn's audio always
+follows the earlier one's and late work from before an interrupt is discarded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+from gateway.core.codec import VOICES, resolve_voice
+from gateway.core.reorder import ReorderBuffer
+from gateway.core.segmenter import Segmenter, SegmenterOptions
+from gateway.errors import BufferOverflowError, ErrorCode, GatewayError, ProtocolError
+from gateway.vocab import (
+    BYTES_PER_SAMPLE,
+    SAMPLE_RATE,
+    AudioChunk,
+    SegmentEnd,
+    SegmentFailed,
+    SegmentItem,
+)
+
+# ----------------------------------------------------------------------------------------
+# Vocabulary of the protocol
+
+
+@dataclass(frozen=True, slots=True)
+class GenParams:
+    """Per-session generation parameters; ``None`` means the upstream's configured value."""
+
+    voice: str
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartSegment:
+    """Synthesise one segment. ``seq`` is the session-wide number within ``epoch``."""
+
+    epoch: int
+    seq: int
+    turn: int
+    turn_seq: int
+    text: str
+    params: GenParams
+
+
+@dataclass(frozen=True, slots=True)
+class CancelWork:
+    """An interrupt: cancel every producer and LLM stream of epochs before ``epoch``."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartChat:
+    """Stream a chat LLM reply for ``turn``; feed it back through ``llm_delta``/``llm_done``."""
+
+    epoch: int
+    turn: int
+    messages: tuple[tuple[str, str], ...]
+    """(role, content) pairs: system prompt, history, then the new user message."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    code: int
+    reason: str
+
+
+Action = StartSegment | CancelWork | StartChat | CloseSession
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A frame for the client. ``epoch`` is set on audio-path frames, which an interrupt
+    may drop from the send queue; control frames have ``epoch=None`` and are never dropped."""
+
+    data: str | bytes
+    epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamBounds:
+    temperature: tuple[float, float] = (0.0, 1.5)
+    top_p: tuple[float, float] = (0.05, 1.0)
+    repetition_penalty: tuple[float, float] = (1.0, 2.0)
+    max_tokens: tuple[int, int] = (7, 1200)
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolOptions:
+    segmenter: SegmenterOptions = field(default_factory=SegmenterOptions)
+    default_voice: str = "tara"
+    bounds: ParamBounds = field(default_factory=ParamBounds)
+    max_frame_bytes: int = 65_536
+    max_turn_chars: int = 20_000
+    segments_per_minute: int = 240
+    reorder_buffer_bytes: int = 16 * 1024 * 1024
+    max_pending_segments: int = 256
+    chat_enabled: bool = False
+    system_prompt: str = ""
+    max_history_messages: int = 40
+
+
+# ----------------------------------------------------------------------------------------
+# State
+
+
+@dataclass(slots=True)
+class _Turn:
+    number: int
+    chat: bool = False
+    count: int = 0  # segments cut so far
+    ended: bool = False
+    llm_open: bool = False
+    done_segments: int = 0
+    samples: int = 0
+    chars: int = 0
+    spoken: list[str] = field(default_factory=list)
+    reply: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Seg:
+    turn: _Turn
+    turn_seq: int
+    text: str
+    started: bool = False
+    samples: int = 0
+
+
+def _json(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj).decode()
+
+
+class SessionProtocol:
+    def __init__(
+        self,
+        session_id: str,
+        options: ProtocolOptions | None = None,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
+        self.session_id = session_id
+        self.options = options or ProtocolOptions()
+        self._clock = clock
+        self._segmenter = Segmenter(self.options.segmenter, clock=clock)
+        self._reorder = ReorderBuffer(
+            max_bytes=self.options.reorder_buffer_bytes,
+            max_segments=self.options.max_pending_segments,
+        )
+        self._params = GenParams(voice=self.options.default_voice)
+        self._epoch = 0
+        self._next_seq = 0
+        self._segs: dict[int, _Seg] = {}
+        self._turns: deque[_Turn] = deque()
+        self._open: _Turn | None = None  # the turn that text.delta appends to
+        self._last_turn = -1
+        self._history: list[tuple[str, str]] = []
+        self._out: list[Outgoing] = []
+        self._actions: list[Action] = []
+        self._closed = False
+        # Token bucket for segments_per_minute: refills continuously.
+        self._tokens = float(self.options.segments_per_minute)
+        self._tokens_at = clock()
+        self.samples_sent = 0
+        """Samples released toward the client in this session (all epochs)."""
+        self.errors: dict[str, int] = {}
+
+    # -- queries ---------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def params(self) -> GenParams:
+        return self._params
+
+    @property
+    def head_seq(self) -> int:
+        """The segment whose audio plays next: the most urgent one to synthesise."""
+        return self._reorder.head
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def busy(self) -> bool:
+        """Work is outstanding: some turn has not finished."""
+        return bool(self._turns)
+
+    @property
+    def history(self) -> tuple[tuple[str, str], ...]:
+        return tuple(self._history)
+
+    # -- output ----------------------------------------------------------------------
+
+    def data_to_send(self) -> list[Outgoing]:
+        out, self._out = self._out, []
+        return out
+
+    def actions(self) -> list[Action]:
+        out, self._actions = self._actions, []
+        return out
+
+    # -- input: lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._send(
+            {
+                "type": "session.ready",
+                "session_id": self.session_id,
+                "sample_rate": SAMPLE_RATE,
+                "encoding": "pcm_s16le",
+                "channels": 1,
+                "voice": self._params.voice,
+                "voices": list(VOICES),
+                "chat": self.options.chat_enabled,
+            }
+        )
+
+    def close(self) -> None:
+        """The connection is gone: no more output; the runner cancels everything."""
+        self._closed = True
+        self._out.clear()
+
+    def flush(self) -> None:
+        """Release what can be released now: buffered text as segments, ready audio."""
+        if self._open is not None:
+            self._cut(self._segmenter.flush(end_turn=False))
+        self._release()
+
+    def tick(self) -> None:
+        """Periodic: lets stalled text go out (the segmenter's idle flush)."""
+        if self._closed or self._open is None:
+            return
+        self._cut(self._segmenter.tick())
+
+    # -- input: from the client ------------------------------------------------------
+
+    def receive_bytes(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._error(ErrorCode.BINARY_NOT_ALLOWED, "the client may send JSON text frames only")
+
+    def receive_text(self, data: str) -> None:
+        if self._closed:
+            return
+        if len(data) > self.options.max_frame_bytes or (
+            len(data.encode("utf-8", "surrogatepass")) > self.options.max_frame_bytes
+        ):
+            self._error(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"frame larger than {self.options.max_frame_bytes} bytes",
+            )
+            return
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._error(ErrorCode.BAD_JSON, "frame is not valid JSON")
+            return
+        try:
+            self._dispatch(msg)
+        except GatewayError as exc:
+            self._error(exc.code, exc.message)
+
+    def _dispatch(self, msg: Any) -> None:
+        if not isinstance(msg, dict):
+            raise ProtocolError("a message must be a JSON object")
+        kind = msg.get("type")
+        if not isinstance(kind, str):
+            raise ProtocolError("a message needs a string 'type'")
+        handler = self._handlers.get(kind)
+        if handler is None:
+            raise ProtocolError(f"unknown message type {kind!r}", code=ErrorCode.UNKNOWN_TYPE)
+        handler(self, msg)
+
+    def _on_ping(self, msg: dict[str, Any]) -> None:
+        self._send({"type": "pong"})
+
+    def _on_update(self, msg: dict[str, Any]) -> None:
+        allowed = {
+            "type",
+            "voice",
+            "temperature",
+            "top_p",
+            "repetition_penalty",
+            "max_tokens",
+            "seed",
+        }
+        unknown = sorted(set(msg) - allowed)
+        if unknown:
+            raise ProtocolError(
+                f"session.update does not take {', '.join(unknown)}; "
+                f"allowed: {', '.join(sorted(allowed - {'type'}))}",
+                code=ErrorCode.BAD_PARAMETER,
+            )
+        p = self._params
+        voice = p.voice
+        if "voice" in msg:
+            if not isinstance(msg["voice"], str):
+                raise ProtocolError("voice must be a string", code=ErrorCode.BAD_VOICE)
+            voice = resolve_voice(msg["voice"], self.options.default_voice)
+        b = self.options.bounds
+        self._params = GenParams(
+            voice=voice,
+            temperature=_number(msg, "temperature", b.temperature, p.temperature),
+            top_p=_number(msg, "top_p", b.top_p, p.top_p),
+            repetition_penalty=_number(
+                msg, "repetition_penalty", b.repetition_penalty, p.repetition_penalty
+            ),
+            max_tokens=_integer(msg, "max_tokens", b.max_tokens, p.max_tokens),
+            seed=_integer(msg, "seed", (0, 2**63 - 1), p.seed),
+        )
+        self._send({"type": "session.updated", **_params_dict(self._params)})
+
+    def _on_delta(self, msg: dict[str, Any]) -> None:
+        text = msg.get("text")
+        if not isinstance(text, str):
+            raise ProtocolError("text.delta needs a string 'text'")
+        turn = self._open
+        if turn is not None and turn.chat:
+            raise ProtocolError("a chat reply is being spoken; send interrupt first")
+        if turn is None:
+            turn = self._open_turn(chat=False)
+        if turn.chars + len(text) > self.options.max_turn_chars:
+            raise ProtocolError(
+                f"turn text would exceed {self.options.max_turn_chars} characters",
+                code=ErrorCode.TURN_TOO_LONG,
+            )
+        turn.chars += len(text)
+        self._cut(self._segmenter.feed(text))
+
+    def _on_flush(self, msg: dict[str, Any]) -> None:
+        if self._open is not None and not self._open.chat:
+            self._cut(self._segmenter.flush(end_turn=False))
+
+    def _on_end(self, msg: dict[str, Any]) -> None:
+        turn = self._open
+        if turn is None:
+            # An empty turn still completes, so a client waiting for turn.done gets it.
+            turn = self._open_turn(chat=False)
+        elif turn.chat:
+            raise ProtocolError("a chat reply ends by itself; send interrupt to cut it")
+        self._end_turn(turn)
+
+    def _on_interrupt(self, msg: dict[str, Any]) -> None:
+        self.interrupt()
+
+    def _on_chat(self, msg: dict[str, Any]) -> None:
+        text = msg.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ProtocolError("chat.message needs a non-empty string 'text'")
+        if not self.options.chat_enabled:
+            raise ProtocolError("chat is not configured on this gateway (see the llm section)")
+        if len(text) > self.options.max_turn_chars:
+            raise ProtocolError(
+                f"message exceeds {self.options.max_turn_chars} characters",
+                code=ErrorCode.TURN_TOO_LONG,
+            )
+        if any(t.llm_open for t in self._turns):
+            raise ProtocolError("a reply is still streaming; send interrupt first")
+        if self._open is not None:
+            self._end_turn(self._open)
+        turn = self._open_turn(chat=True)
+        turn.llm_open = True
+        self._remember("user", text)
+        messages: list[tuple[str, str]] = []
+        if self.options.system_prompt:
+            messages.append(("system", self.options.system_prompt))
+        messages.extend(self._history)
+        self._actions.append(StartChat(self._epoch, turn.number, tuple(messages)))
+
+    _handlers: ClassVar[dict[str, Callable[[SessionProtocol, dict[str, Any]], None]]] = {
+        "ping": _on_ping,
+        "session.update": _on_update,
+        "text.delta": _on_delta,
+        "text.flush": _on_flush,
+        "text.end": _on_end,
+        "interrupt": _on_interrupt,
+        "chat.message": _on_chat,
+    }
+
+    def interrupt(self) -> None:
+        """Barge-in: drop all work, answer ``interrupted``; the session stays usable."""
+        current = self._last_turn
+        for turn in self._turns:
+            if turn.chat and turn.spoken:
+                # The history keeps only what the user actually got to hear.
+                self._remember("assistant", " ".join(turn.spoken))
+        self._turns.clear()
+        self._open = None
+        self._segs.clear()
+        self._segmenter.reset()
+        self._epoch += 1
+        self._next_seq = 0
+        self._reorder.reset(self._epoch)
+        # Audio already queued for the client is stale now; control frames stay.
+        self._out = [o for o in self._out if o.epoch is None]
+        self._actions = [a for a in self._actions if not isinstance(a, StartSegment | StartChat)]
+        self._actions.append(CancelWork(self._epoch))
+        self._send({"type": "interrupted", "turn": current})
+
+    # -- input: from the LLM (chat mode) ---------------------------------------------
+
+    def llm_delta(self, epoch: int, turn: int, text: str) -> None:
+        t = self._open
+        if self._closed or epoch != self._epoch or t is None or t.number != turn or not t.chat:
+            return
+        t.reply.append(text)
+        self._send({"type": "llm.delta", "turn": turn, "text": text})
+        self._cut(self._segmenter.feed(text))
+
+    def llm_done(self, epoch: int, turn: int, error: GatewayError | None = None) -> None:
+        t = self._open
+        if self._closed or epoch != self._epoch or t is None or t.number != turn or not t.chat:
+            return
+        if error is not None:
+            self._error(error.code, f"chat LLM failed: {error.message}")
+        t.llm_open = False
+        self._send({"type": "llm.done", "turn": turn, "text": "".join(t.reply)})
+        self._end_turn(t)
+
+    # -- input: from producers -------------------------------------------------------
+
+    def push(self, item: SegmentItem) -> None:
+        """Audio or an outcome for a segment, in any order; stale epochs are ignored."""
+        if self._closed:
+            return
+        try:
+            self._reorder.push(item)
+        except BufferOverflowError as exc:
+            # A bounded buffer is full: fail this segment in place rather than grow.
+            if isinstance(item, AudioChunk):
+                raise
+            self._error(exc.code, exc.message)
+            return
+        self._release()
+
+    def retract(self, epoch: int, seq: int) -> bool:
+        """May this segment be produced again from scratch (an upstream retry)?"""
+        return self._reorder.retract(epoch, seq)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _send(self, obj: dict[str, Any], epoch: int | None = None) -> None:
+        if not self._closed:
+            self._out.append(Outgoing(_json(obj), epoch))
+
+    def _error(self, code: ErrorCode | str, message: str) -> None:
+        code = str(code)
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self._send({"type": "error", "code": code, "message": message})
+
+    def _remember(self, role: str, content: str) -> None:
+        self._history.append((role, content))
+        excess = len(self._history) - self.options.max_history_messages
+        if excess > 0:
+            del self._history[:excess]
+
+    def _open_turn(self, *, chat: bool) -> _Turn:
+        self._last_turn += 1
+        turn = _Turn(number=self._last_turn, chat=chat)
+        self._turns.append(turn)
+        self._open = turn
+        return turn
+
+    def _end_turn(self, turn: _Turn) -> None:
+        self._cut(self._segmenter.flush(end_turn=True))
+        turn.ended = True
+        if self._open is turn:
+            self._open = None
+        self._release()
+
+    def _take_token(self) -> bool:
+        now = self._clock()
+        rate = self.options.segments_per_minute / 60.0
+        self._tokens = min(
+            float(self.options.segments_per_minute), self._tokens + (now - self._tokens_at) * rate
+        )
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def _cut(self, segments: list[Any]) -> None:
+        turn = self._open
+        if turn is None:
+            return
+        for s in segments:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._segs[seq] = _Seg(turn=turn, turn_seq=turn.count, text=s.text)
+            turn.count += 1
+            if self._take_token():
+                self._actions.append(
+                    StartSegment(
+                        self._epoch, seq, turn.number, turn.count - 1, s.text, self._params
+                    )
+                )
+            else:
+                self.push(
+                    SegmentFailed(
+                        self._epoch,
+                        seq,
+                        0,
+                        ErrorCode.RATE_LIMITED.value,
+                        f"more than {self.options.segments_per_minute} segments a minute",
+                    )
+                )
+
+    def _release(self) -> None:
+        for item in self._reorder.take():
+            seg = self._segs.get(item.seq)
+            if seg is None:  # pragma: no cover - the reorder buffer only releases known seqs
+                continue
+            turn = seg.turn
+            epoch = item.epoch
+            if isinstance(item, AudioChunk):
+                if not seg.started:
+                    self._start_segment(seg, epoch)
+                n = len(item.pcm) // BYTES_PER_SAMPLE
+                seg.samples += n
+                turn.samples += n
+                self.samples_sent += n
+                if not self._closed:
+                    self._out.append(Outgoing(item.pcm, epoch))
+                continue
+            if isinstance(item, SegmentEnd):
+                if not seg.started:
+                    self._start_segment(seg, epoch)
+                self._send(
+                    {
+                        "type": "segment.end",
+                        "turn": turn.number,
+                        "seq": seg.turn_seq,
+                        "samples": seg.samples,
+                    },
+                    epoch,
+                )
+            elif isinstance(item, SegmentFailed):
+                self.errors[item.code] = self.errors.get(item.code, 0) + 1
+                self._send(
+                    {
+                        "type": "segment.error",
+                        "turn": turn.number,
+                        "seq": seg.turn_seq,
+                        "code": item.code,
+                        "message": item.message,
+                    },
+                    epoch,
+                )
+            turn.done_segments += 1
+            del self._segs[item.seq]
+            # turn.done goes right after the turn's last segment, before the next turn's.
+            self._complete_turns()
+        self._complete_turns()  # a turn may also be complete with no segments at all
+
+    def _start_segment(self, seg: _Seg, epoch: int) -> None:
+        seg.started = True
+        seg.turn.spoken.append(seg.text)
+        self._send(
+            {
+                "type": "segment.start",
+                "turn": seg.turn.number,
+                "seq": seg.turn_seq,
+                "text": seg.text,
+            },
+            epoch,
+        )
+
+    def _complete_turns(self) -> None:
+        while self._turns:
+            turn = self._turns[0]
+            if not turn.ended or turn.done_segments < turn.count:
+                return
+            self._turns.popleft()
+            if turn.chat:
+                self._remember("assistant", "".join(turn.reply))
+            self._send(
+                {
+                    "type": "turn.done",
+                    "turn": turn.number,
+                    "segments": turn.count,
+                    "samples": turn.samples,
+                },
+                self._epoch,
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _number(
+    msg: dict[str, Any], key: str, bounds: tuple[float, float], current: float | None
+) -> float | None:
+    if key not in msg:
+        return current
+    v = msg[key]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ProtocolError(f"{key} must be a number", code=ErrorCode.BAD_PARAMETER)
+    lo, hi = bounds
+    if not lo <= v <= hi:
+        raise ProtocolError(
+            f"{key}={v} is out of range; allowed {lo} to {hi}", code=ErrorCode.BAD_PARAMETER
+        )
+    return float(v)
+
+
+def _integer(
+    msg: dict[str, Any], key: str, bounds: tuple[int, int], current: int | None
+) -> int | None:
+    if key not in msg:
+        return current
+    v = msg[key]
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(f"{key} must be an integer", code=ErrorCode.BAD_PARAMETER)
+    lo, hi = bounds
+    if not lo <= v <= hi:
+        raise ProtocolError(
+            f"{key}={v} is out of range; allowed {lo} to {hi}", code=ErrorCode.BAD_PARAMETER
+        )
+    return v
+
+
+def _params_dict(p: GenParams) -> dict[str, Any]:
+    return {
+        "voice": p.voice,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "repetition_penalty": p.repetition_penalty,
+        "max_tokens": p.max_tokens,
+        "seed": p.seed,
+    }

@@ -1,0 +1,291 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway.clock import FakeClock
+from gateway.core.protocol import (
+    CancelWork,
+    Outgoing,
+    ProtocolOptions,
+    SessionProtocol,
+    StartChat,
+    StartSegment,
+)
+from gateway.core.segmenter import SegmenterOptions
+from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed
+
+SEG = SegmenterOptions(min_chars=0, fast_first=False, idle_flush_ms=0)
+
+
+def make(**kw) -> tuple[SessionProtocol, FakeClock]:
+    clock = FakeClock()
+    opts = ProtocolOptions(segmenter=kw.pop("segmenter", SEG), **kw)
+    p = SessionProtocol("s1", opts, clock=clock)
+    p.start()
+    return p, clock
+
+
+def send(p: SessionProtocol, **msg) -> None:
+    p.receive_text(orjson.dumps(msg).decode())
+
+
+def events(p: SessionProtocol) -> list[dict | bytes]:
+    out = []
+    for o in p.data_to_send():
+        out.append(o.data if isinstance(o.data, bytes) else orjson.loads(o.data))
+    return out
+
+
+def types(evts: list) -> list[str]:
+    return ["<pcm>" if isinstance(e, bytes) else e["type"] for e in evts]
+
+
+def test_session_ready_comes_first() -> None:
+    p, _ = make()
+    (ready,) = events(p)
+    assert ready == {
+        "type": "session.ready",
+        "session_id": "s1",
+        "sample_rate": 24000,
+        "encoding": "pcm_s16le",
+        "channels": 1,
+        "voice": "tara",
+        "voices": ["tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe"],
+        "chat": False,
+    }
+
+
+def test_segments_start_as_soon_as_they_are_cut() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="Hello there. How are")
+    (a,) = p.actions()
+    assert isinstance(a, StartSegment)
+    assert (a.epoch, a.seq, a.turn, a.turn_seq, a.text) == (0, 0, 0, 0, "Hello there.")
+    send(p, type="text.delta", text=" you? Fine")
+    send(p, type="text.end")
+    acts = p.actions()
+    assert [(x.seq, x.turn_seq, x.text) for x in acts] == [(1, 1, "How are you?"), (2, 2, "Fine")]
+
+
+def test_audio_is_released_in_text_order_with_framing_events() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="One. Two.")
+    send(p, type="text.end")
+    p.actions()
+    p.push(AudioChunk(0, 1, 0, b"\x02\x00" * 3))
+    p.push(SegmentEnd(0, 1, 1))
+    assert events(p) == []  # segment 1 waits for segment 0
+    p.push(AudioChunk(0, 0, 0, b"\x01\x00" * 2))
+    evts = events(p)
+    assert types(evts) == ["segment.start", "<pcm>"]
+    assert evts[0] == {"type": "segment.start", "turn": 0, "seq": 0, "text": "One."}
+    p.push(SegmentEnd(0, 0, 1))
+    evts = events(p)
+    assert types(evts) == ["segment.end", "segment.start", "<pcm>", "segment.end", "turn.done"]
+    assert evts[0]["samples"] == 2 and evts[3]["samples"] == 3
+    assert evts[4] == {"type": "turn.done", "turn": 0, "segments": 2, "samples": 5}
+
+
+def test_next_turn_audio_follows_the_previous_turn() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="First.")
+    send(p, type="text.end")
+    send(p, type="text.delta", text="Second.")
+    send(p, type="text.end")
+    acts = p.actions()
+    assert [(a.seq, a.turn, a.turn_seq) for a in acts] == [(0, 0, 0), (1, 1, 0)]
+    p.push(SegmentEnd(0, 1, 0))
+    assert events(p) == []
+    p.push(SegmentEnd(0, 0, 0))
+    evts = events(p)
+    assert [(e["type"], e.get("turn")) for e in evts] == [
+        ("segment.start", 0),
+        ("segment.end", 0),
+        ("turn.done", 0),
+        ("segment.start", 1),
+        ("segment.end", 1),
+        ("turn.done", 1),
+    ]
+
+
+def test_a_failed_segment_is_reported_in_place_and_later_ones_play() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="Ay. Bee. Sea.")
+    send(p, type="text.end")
+    p.actions()
+    p.push(AudioChunk(0, 2, 0, b"\x00\x00"))
+    p.push(SegmentEnd(0, 2, 1))
+    p.push(AudioChunk(0, 1, 0, b"\x00\x00"))
+    p.push(SegmentFailed(0, 1, 1, "upstream_error", "boom"))
+    p.push(SegmentEnd(0, 0, 0))
+    evts = events(p)
+    assert types(evts) == [
+        "segment.start",
+        "segment.end",
+        "segment.start",
+        "<pcm>",
+        "segment.error",
+        "segment.start",
+        "<pcm>",
+        "segment.end",
+        "turn.done",
+    ]
+    assert evts[4]["code"] == "upstream_error" and evts[4]["seq"] == 1
+
+
+def test_interrupt_cancels_drops_queued_audio_and_keeps_the_session_usable() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="One. Two. Three")
+    p.actions()
+    p.push(AudioChunk(0, 0, 0, b"\x01\x00"))  # queued, not yet taken by the sender
+    send(p, type="interrupt")
+    assert types(events(p)) == ["interrupted"]
+    (cancel,) = p.actions()
+    assert cancel == CancelWork(1)
+    # Late work from before the interrupt is ignored.
+    p.push(AudioChunk(0, 1, 0, b"\x01\x00"))
+    p.push(SegmentEnd(0, 0, 1))
+    assert events(p) == []
+    send(p, type="text.delta", text="Again.")
+    send(p, type="text.end")
+    (a,) = p.actions()
+    assert (a.epoch, a.seq, a.turn, a.turn_seq) == (1, 0, 1, 0)
+    p.push(SegmentEnd(1, 0, 0))
+    assert types(events(p))[-1] == "turn.done"
+
+
+def test_interrupted_control_frames_survive_but_audio_does_not() -> None:
+    p, _ = make()
+    send(p, type="text.delta", text="One.")
+    send(p, type="text.end")
+    p.actions()
+    p.push(AudioChunk(0, 0, 0, b"\x01\x00"))
+    send(p, type="interrupt")
+    kept = p.data_to_send()
+    assert all(isinstance(o, Outgoing) for o in kept)
+    assert [orjson.loads(o.data)["type"] for o in kept] == ["session.ready", "interrupted"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("not json", "bad_json"),
+        ("[1,2]", "bad_message"),
+        ('{"text": "x"}', "bad_message"),
+        ('{"type": "dance"}', "unknown_type"),
+        ('{"type": "text.delta", "text": 5}', "bad_message"),
+        ('{"type": "session.update", "voice": "bob"}', "bad_voice"),
+        ('{"type": "session.update", "voice": 3}', "bad_voice"),
+        ('{"type": "session.update", "temperature": 9}', "bad_parameter"),
+        ('{"type": "session.update", "top_p": "high"}', "bad_parameter"),
+        ('{"type": "session.update", "max_tokens": 1.5}', "bad_parameter"),
+        ('{"type": "session.update", "max_tokens": true}', "bad_parameter"),
+        ('{"type": "session.update", "colour": "red"}', "bad_parameter"),
+        ('{"type": "chat.message", "text": "hi"}', "bad_message"),
+    ],
+)
+def test_bad_input_gets_a_documented_error(frame: str, code: str) -> None:
+    p, _ = make()
+    events(p)
+    p.receive_text(frame)
+    (err,) = events(p)
+    assert err["type"] == "error" and err["code"] == code and err["message"]
+    # The session still works afterwards.
+    send(p, type="ping")
+    assert events(p) == [{"type": "pong"}]
+
+
+def test_binary_and_oversized_frames() -> None:
+    p, _ = make(max_frame_bytes=300)
+    events(p)
+    p.receive_bytes(b"\x00\x01")
+    p.receive_text(orjson.dumps({"type": "text.delta", "text": "x" * 400}).decode())
+    assert [e["code"] for e in events(p)] == ["binary_not_allowed", "frame_too_large"]
+
+
+def test_turn_text_limit() -> None:
+    p, _ = make(max_turn_chars=10)
+    events(p)
+    send(p, type="text.delta", text="12345")
+    send(p, type="text.delta", text="1234567")
+    assert [e["code"] for e in events(p)] == ["turn_too_long"]
+
+
+def test_session_update_applies_to_later_segments() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="session.update", voice="Leo", temperature=0.4, max_tokens=600, seed=3)
+    (ack,) = events(p)
+    assert ack["type"] == "session.updated" and ack["voice"] == "leo"
+    send(p, type="session.update", voice="alloy")  # OpenAI names map to the default
+    send(p, type="text.delta", text="Hi.")
+    send(p, type="text.end")
+    (a,) = p.actions()
+    assert a.params.voice == "tara" and a.params.temperature == 0.4 and a.params.max_tokens == 600
+
+
+def test_segment_rate_limit_fails_segments_in_place() -> None:
+    p, clock = make(segments_per_minute=2)
+    events(p)
+    send(p, type="text.delta", text="Ay. Bee. Sea.")
+    send(p, type="text.end")
+    acts = p.actions()
+    assert [a.seq for a in acts] == [0, 1]
+    p.push(SegmentEnd(0, 0, 0))
+    p.push(SegmentEnd(0, 1, 0))
+    evts = events(p)
+    assert [e["type"] for e in evts][-2:] == ["segment.error", "turn.done"]
+    assert evts[-2]["code"] == "rate_limited"
+    clock.advance(30)  # one token back
+    send(p, type="text.delta", text="Dee.")
+    send(p, type="text.end")
+    assert [a.text for a in p.actions()] == ["Dee."]
+
+
+def test_chat_turn_streams_llm_text_and_keeps_history() -> None:
+    p, _ = make(chat_enabled=True, system_prompt="Be brief.")
+    events(p)
+    send(p, type="chat.message", text="Hello?")
+    (chat,) = p.actions()
+    assert isinstance(chat, StartChat)
+    assert chat.messages == (("system", "Be brief."), ("user", "Hello?"))
+    p.llm_delta(chat.epoch, chat.turn, "Hi there. ")
+    p.llm_delta(chat.epoch, chat.turn, "Nice day.")
+    p.llm_done(chat.epoch, chat.turn)
+    acts = p.actions()
+    assert [a.text for a in acts] == ["Hi there.", "Nice day."]
+    evts = events(p)
+    assert [e["type"] for e in evts] == ["llm.delta", "llm.delta", "llm.done"]
+    assert evts[-1]["text"] == "Hi there. Nice day."
+    for a in acts:
+        p.push(SegmentEnd(a.epoch, a.seq, 0))
+    assert events(p)[-1]["type"] == "turn.done"
+    assert p.history == (("user", "Hello?"), ("assistant", "Hi there. Nice day."))
+
+
+def test_interrupting_a_chat_reply_keeps_only_what_was_spoken() -> None:
+    p, _ = make(chat_enabled=True)
+    send(p, type="chat.message", text="Tell me a story")
+    (chat,) = p.actions()
+    p.llm_delta(chat.epoch, chat.turn, "Once upon a time. There was a fox. It ")
+    acts = p.actions()
+    p.push(AudioChunk(0, acts[0].seq, 0, b"\x00\x00"))  # first sentence started playing
+    send(p, type="interrupt")
+    assert p.history == (("user", "Tell me a story"), ("assistant", "Once upon a time."))
+    # Late LLM text for the interrupted turn is ignored.
+    p.llm_delta(chat.epoch, chat.turn, "ran away.")
+    assert "llm.delta" not in [e["type"] for e in events(p)[-1:]]
+
+
+def test_closed_session_ignores_everything() -> None:
+    p, _ = make()
+    p.close()
+    send(p, type="ping")
+    p.push(SegmentEnd(0, 0, 0))
+    assert p.data_to_send() == []
