@@ -129,7 +129,9 @@ class ProtocolOptions:
 @dataclass(slots=True)
 class _Turn:
     number: int
+    opened_at: float
     chat: bool = False
+    first_audio: bool = False
     count: int = 0  # segments cut so far
     ended: bool = False
     llm_open: bool = False
@@ -186,6 +188,9 @@ class SessionProtocol:
         self.samples_sent = 0
         """Samples released toward the client in this session (all epochs)."""
         self.errors: dict[str, int] = {}
+        self._m_ttfa: list[float] = []
+        self._m_outcomes: dict[str, int] = {}
+        self._m_errors: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------------------
 
@@ -223,6 +228,13 @@ class SessionProtocol:
 
     def actions(self) -> list[Action]:
         out, self._actions = self._actions, []
+        return out
+
+    def take_metrics(self) -> tuple[list[float], dict[str, int], dict[str, int]]:
+        """Figures since the last call: time-to-first-audio per turn (seconds, from the
+        turn's first text), segment outcomes, and error codes."""
+        out = (self._m_ttfa, self._m_outcomes, self._m_errors)
+        self._m_ttfa, self._m_outcomes, self._m_errors = [], {}, {}
         return out
 
     # -- input: lifecycle ------------------------------------------------------------
@@ -471,8 +483,12 @@ class SessionProtocol:
 
     def _error(self, code: ErrorCode | str, message: str) -> None:
         code = str(code)
-        self.errors[code] = self.errors.get(code, 0) + 1
+        self._count_error(code)
         self._send({"type": "error", "code": code, "message": message})
+
+    def _count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        self._m_errors[code] = self._m_errors.get(code, 0) + 1
 
     def _remember(self, role: str, content: str) -> None:
         self._history.append((role, content))
@@ -482,7 +498,7 @@ class SessionProtocol:
 
     def _open_turn(self, *, chat: bool) -> _Turn:
         self._last_turn += 1
-        turn = _Turn(number=self._last_turn, chat=chat)
+        turn = _Turn(number=self._last_turn, opened_at=self._clock(), chat=chat)
         self._turns.append(turn)
         self._open = turn
         return turn
@@ -542,6 +558,9 @@ class SessionProtocol:
             if isinstance(item, AudioChunk):
                 if not seg.started:
                     self._start_segment(seg, epoch)
+                if not turn.first_audio:
+                    turn.first_audio = True
+                    self._m_ttfa.append(self._clock() - turn.opened_at)
                 n = len(item.pcm) // BYTES_PER_SAMPLE
                 seg.samples += n
                 turn.samples += n
@@ -550,6 +569,7 @@ class SessionProtocol:
                     self._out.append(Outgoing(item.pcm, epoch))
                 continue
             if isinstance(item, SegmentEnd):
+                self._m_outcomes["ok"] = self._m_outcomes.get("ok", 0) + 1
                 if not seg.started:
                     self._start_segment(seg, epoch)
                 self._send(
@@ -562,7 +582,8 @@ class SessionProtocol:
                     epoch,
                 )
             elif isinstance(item, SegmentFailed):
-                self.errors[item.code] = self.errors.get(item.code, 0) + 1
+                self._count_error(item.code)
+                self._m_outcomes[item.code] = self._m_outcomes.get(item.code, 0) + 1
                 self._send(
                     {
                         "type": "segment.error",

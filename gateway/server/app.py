@@ -1,0 +1,393 @@
+"""The Starlette application: WebSocket voice endpoint, HTTP API, metrics, the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from gateway.config import Settings
+from gateway.core.codec import VOICES, resolve_voice
+from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, SessionProtocol
+from gateway.core.segmenter import SegmenterOptions
+from gateway.errors import ErrorCode, GatewayError
+from gateway.llm import ChatLLM
+from gateway.server.engine import SessionEngine, Synthesizer
+from gateway.server.metrics import Metrics
+from gateway.server.security import KeyChecker, OriginPolicy, Principal, SessionLimiter
+from gateway.server.session import (
+    CLOSE_TRY_LATER,
+    Outbox,
+    RunnerLimits,
+    run_session,
+)
+from gateway.vocab import SAMPLE_RATE
+
+log = logging.getLogger("voicegw.app")
+
+
+@dataclass(slots=True)
+class Services:
+    """What the app needs from the outside world; tests pass fakes."""
+
+    synth: Synthesizer
+    chat: ChatLLM | None = None
+    readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """Returns {"ready": bool, ...details}."""
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+ServicesFactory = Callable[[Settings, Metrics], contextlib.AbstractAsyncContextManager[Services]]
+
+
+def default_web_dir() -> Path | None:
+    env = os.environ.get("VOICEGW_WEB_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parents[2] / "web"
+    return here if here.is_dir() else None
+
+
+def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
+    seg = settings.gateway.segmenter
+    lim = settings.gateway.limits
+    return ProtocolOptions(
+        segmenter=SegmenterOptions(
+            fast_first=seg.fast_first,
+            first_clause_min_chars=seg.first_clause_min_chars,
+            min_chars=seg.min_chars,
+            max_chars=seg.max_chars,
+            idle_flush_ms=seg.idle_flush_ms,
+            normalize=seg.normalize,
+        ),
+        default_voice=settings.vllm.tts_voice,
+        bounds=ParamBounds(max_tokens=(7, settings.vllm.max_tokens)),
+        max_frame_bytes=lim.max_frame_bytes,
+        max_turn_chars=lim.max_turn_chars,
+        segments_per_minute=lim.segments_per_minute,
+        reorder_buffer_bytes=lim.reorder_buffer_bytes,
+        chat_enabled=chat,
+        system_prompt=settings.gateway.llm.system_prompt,
+        max_history_messages=settings.gateway.llm.max_history_messages,
+    )
+
+
+def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def wav_header() -> bytes:
+    """A streaming WAV header: sizes are unknown, so they are set to the maximum, which
+    players treat as "read until the end of the stream"."""
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
+    )
+
+
+class Gateway:
+    """Per-app state: settings, services, limits, metrics."""
+
+    def __init__(self, settings: Settings, factory: ServicesFactory) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.metrics = Metrics()
+        self.services: Services | None = None
+        self.keys = KeyChecker(settings.api_keys())
+        self.origins = OriginPolicy(settings.gateway.auth.allowed_origins)
+        lim = settings.gateway.limits
+        self.sessions = SessionLimiter(lim.max_sessions, lim.max_sessions_per_key)
+        self.engines: set[SessionEngine] = set()
+        self.clock = time.monotonic
+        self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
+
+    def _gauges(self) -> dict[str, float]:
+        return {
+            "engine_tasks": float(sum(e.tasks for e in self.engines)),
+            "segments_inflight": float(sum(e.inflight for e in self.engines)),
+        }
+
+    def _observe(self, protocol: SessionProtocol) -> None:
+        ttfa, outcomes, errors = protocol.take_metrics()
+        m = self.metrics
+        for t in ttfa:
+            m.ttfa.observe(t)
+        for outcome, n in outcomes.items():
+            m.segments.labels(outcome).inc(n)
+        for code, n in errors.items():
+            m.errors.labels(code).inc(n)
+
+    def new_engine(
+        self, session_id: str, on_output: Callable[[list[Outgoing]], None],
+        on_cancel: Callable[[int], None] = lambda e: None,
+    ) -> SessionEngine:  # fmt: skip
+        assert self.services is not None
+        chat = self.services.chat
+        protocol = SessionProtocol(
+            session_id, protocol_options(self.settings, chat=chat is not None), clock=self.clock
+        )
+        return SessionEngine(
+            protocol,
+            self.services.synth,
+            chat=chat,
+            max_inflight=self.settings.gateway.limits.max_inflight_segments,
+            clock=self.clock,
+            on_output=on_output,
+            on_cancel=on_cancel,
+            on_metrics=self._observe,
+        )
+
+
+def _gw(obj: Request | WebSocket) -> Gateway:
+    return obj.app.state.gateway
+
+
+async def ws_stream(ws: WebSocket) -> None:
+    gw = _gw(ws)
+    origin = ws.headers.get("origin")
+    if not gw.origins.allows(origin, ws.headers.get("host")):
+        gw.metrics.errors.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
+        await ws.send_denial_response(
+            openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)
+        )
+        return
+    principal = gw.keys.check(ws.headers, ws.query_params)
+    if principal is None:
+        gw.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
+        await ws.send_denial_response(
+            openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
+        )
+        return
+    refusal = gw.sessions.try_acquire(principal)
+    await ws.accept()
+    if refusal is not None:
+        gw.metrics.errors.labels(ErrorCode.TOO_MANY_SESSIONS.value).inc()
+        with contextlib.suppress(Exception):
+            await ws.send_text(
+                orjson.dumps(
+                    {"type": "error", "code": ErrorCode.TOO_MANY_SESSIONS, "message": refusal}
+                ).decode()
+            )
+            await ws.close(CLOSE_TRY_LATER, "too_many_sessions")
+        return
+    await _serve_ws(gw, ws, principal)
+
+
+async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
+    session_id = "s_" + secrets.token_hex(8)
+    lim = gw.settings.gateway.limits
+    gw.metrics.sessions_total.inc()
+    gw.metrics.sessions_active.inc()
+    engines = gw.engines
+    holder: list[SessionEngine] = []
+
+    def make_engine(outbox: Outbox) -> SessionEngine:
+        engine = gw.new_engine(session_id, outbox.put, outbox.purge)
+        holder.append(engine)
+        engines.add(engine)
+        return engine
+
+    try:
+        code = await run_session(
+            ws,
+            make_engine,
+            RunnerLimits(
+                outbound_queue_bytes=lim.outbound_queue_bytes,
+                slow_client_timeout_s=lim.slow_client_timeout_ms / 1000.0,
+            ),
+        )
+        if code >= 4000:
+            gw.metrics.errors.labels(ErrorCode.SLOW_CLIENT.value).inc()
+    finally:
+        for e in holder:
+            engines.discard(e)
+        gw.sessions.release(principal)
+        gw.metrics.sessions_active.dec()
+
+
+# ----------------------------------------------------------------------------------------
+# HTTP API
+
+
+async def speech(request: Request) -> Response:
+    """OpenAI-compatible ``POST /v1/audio/speech``, streamed as audio is produced."""
+    gw = _gw(request)
+    principal = gw.keys.check(request.headers, request.query_params)
+    if principal is None:
+        return openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return openai_error(400, "request body is not valid JSON", ErrorCode.BAD_JSON)
+    if not isinstance(body, dict):
+        return openai_error(400, "request body must be a JSON object", ErrorCode.BAD_MESSAGE)
+    text = body.get("input")
+    lim = gw.settings.gateway.limits
+    if not isinstance(text, str) or not text.strip():
+        return openai_error(400, "'input' must be a non-empty string", "bad_message", "input")
+    if len(text) > lim.max_turn_chars:
+        return openai_error(
+            400, f"'input' is over {lim.max_turn_chars} characters", "turn_too_long", "input"
+        )
+    fmt = body.get("response_format") or "wav"
+    if fmt not in ("wav", "pcm"):
+        return openai_error(
+            400,
+            f"response_format {fmt!r} is not supported; use 'wav' or 'pcm' (24 kHz s16le mono)",
+            ErrorCode.BAD_PARAMETER,
+            "response_format",
+        )
+    speed = body.get("speed", 1.0)
+    if speed not in (None, 1, 1.0):
+        return openai_error(400, "only speed 1.0 is supported", "bad_parameter", "speed")
+    try:
+        voice = resolve_voice(body.get("voice"), gw.settings.vllm.tts_voice)
+    except GatewayError as exc:
+        return openai_error(400, exc.message, exc.code, "voice")
+    refusal = gw.sessions.try_acquire(principal)
+    if refusal is not None:
+        return openai_error(429, refusal, ErrorCode.TOO_MANY_SESSIONS)
+
+    queue: asyncio.Queue[Outgoing] = asyncio.Queue()
+    session_id = "http_" + secrets.token_hex(6)
+    engine = gw.new_engine(session_id, lambda items: [queue.put_nowait(o) for o in items])
+    gw.engines.add(engine)
+    p = engine.protocol
+    p.receive_text(orjson.dumps({"type": "session.update", "voice": voice}).decode())
+    p.receive_text(orjson.dumps({"type": "text.delta", "text": text}).decode())
+    p.receive_text(orjson.dumps({"type": "text.end"}).decode())
+    engine.pump()
+
+    async def events() -> AsyncIterator[bytes | dict[str, Any]]:
+        while True:
+            o = await queue.get()
+            if isinstance(o.data, bytes):
+                yield o.data
+                continue
+            msg = orjson.loads(o.data)
+            if msg["type"] == "turn.done":
+                return
+            yield msg
+
+    async def finish() -> None:
+        gw.engines.discard(engine)
+        await engine.aclose()
+        gw.sessions.release(principal)
+
+    it = events()
+    # Hold the response until the first audio: if every segment fails before any audio
+    # exists, the caller gets a proper HTTP error instead of an empty 200.
+    first: list[bytes] = []
+    errors: list[dict[str, Any]] = []
+    try:
+        async for ev in it:
+            if isinstance(ev, bytes):
+                first.append(ev)
+                break
+            if ev["type"] == "segment.error":
+                errors.append(ev)
+    except BaseException:
+        await finish()
+        raise
+    if not first:
+        await finish()
+        if errors:
+            e = errors[0]
+            status = 503 if e["code"] == ErrorCode.OVERLOADED else 502
+            return openai_error(status, e["message"], e["code"])
+        return openai_error(502, "the upstream produced no audio", ErrorCode.NO_AUDIO)
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        try:
+            if fmt == "wav":
+                yield wav_header()
+            yield first[0]
+            async for ev in it:
+                if isinstance(ev, bytes):
+                    yield ev
+                elif ev["type"] == "segment.error":
+                    log.warning("speech %s: segment failed: %s", session_id, ev["message"])
+        finally:
+            await finish()
+
+    media = "audio/wav" if fmt == "wav" else "audio/pcm"
+    headers = {"x-sample-rate": str(SAMPLE_RATE), "cache-control": "no-store"}
+    return StreamingResponse(body_iter(), media_type=media, headers=headers)
+
+
+async def voices(request: Request) -> Response:
+    gw = _gw(request)
+    return JSONResponse({"voices": list(VOICES), "default": gw.settings.vllm.tts_voice})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw = _gw(request)
+    if gw.services is None:
+        return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
+    if gw.services.readiness is None:
+        return JSONResponse({"ready": True})
+    detail = await gw.services.readiness()
+    return JSONResponse(detail, status_code=200 if detail.get("ready") else 503)
+
+
+async def metrics(request: Request) -> Response:
+    gw = _gw(request)
+    return PlainTextResponse(
+        gw.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )
+
+
+def create_app(
+    settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
+) -> Starlette:
+    gw = Gateway(settings, factory)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with factory(settings, gw.metrics) as services:
+            gw.services = services
+            try:
+                yield
+            finally:
+                gw.services = None
+
+    routes: list[Any] = [
+        WebSocketRoute("/v1/tts/stream", ws_stream),
+        Route("/v1/audio/speech", speech, methods=["POST"]),
+        Route("/v1/voices", voices),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]
+    web = web_dir if web_dir is not None else default_web_dir()
+    if web is not None and web.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=web, html=True), name="web"))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gw
+    return app

@@ -1,0 +1,292 @@
+"""The session engine: runs the work a :class:`SessionProtocol` asks for.
+
+It owns every task of a session — one producer per in-flight segment and at most one
+chat LLM stream — and is transport-agnostic: the WebSocket runner and the
+``/v1/audio/speech`` endpoint both drive one. Closing the engine cancels and awaits all of
+its tasks, so nothing (an upstream HTTP stream, a decode job) outlives its session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.core.protocol import (
+    CancelWork,
+    CloseSession,
+    GenParams,
+    Outgoing,
+    SessionProtocol,
+    StartChat,
+    StartSegment,
+)
+from gateway.errors import ErrorCode, GatewayError
+from gateway.llm import ChatLLM
+from gateway.vocab import SAMPLE_RATE, AudioChunk, SegmentEnd, SegmentFailed
+
+log = logging.getLogger("voicegw.session")
+
+# How far apart in time the deadlines of consecutive queued segments are assumed to be:
+# roughly one sentence of speech. Only the order matters to the decoder's scheduler.
+_SEGMENT_SPACING_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentJob:
+    session_id: str
+    epoch: int
+    seq: int
+    turn: int
+    turn_seq: int
+    text: str
+    params: GenParams
+
+
+class SegmentSink(Protocol):
+    """Where a synthesizer puts a segment's audio."""
+
+    def audio(self, pcm: bytes) -> None:
+        """The next PCM chunk (s16le). Raises BufferOverflowError if it cannot be held."""
+
+    def restart(self) -> bool:
+        """Before a retry: drop this segment's audio so far. False if some of it already
+        went toward the client; the synthesizer must then fail instead of retrying."""
+
+    def deadline(self) -> float:
+        """Monotonic time by which this segment's next audio is needed (earlier = urgent)."""
+
+    @property
+    def audio_sent(self) -> bool:
+        """Some of this segment's audio has been released toward the client."""
+
+
+class Synthesizer(Protocol):
+    async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
+        """Produce ``job``'s audio into ``sink``; return at its end, raise GatewayError on
+        failure. Cancellation must stop all of its work (upstream stream, decode jobs)."""
+
+
+class _Sink:
+    __slots__ = ("_act", "_engine", "chunks")
+
+    def __init__(self, engine: SessionEngine, act: StartSegment) -> None:
+        self._engine = engine
+        self._act = act
+        self.chunks = 0
+
+    def audio(self, pcm: bytes) -> None:
+        a = self._act
+        self._engine.protocol.push(AudioChunk(a.epoch, a.seq, self.chunks, pcm))
+        self.chunks += 1
+        self._engine.pump()
+
+    def restart(self) -> bool:
+        if self._engine.protocol.retract(self._act.epoch, self._act.seq):
+            self.chunks = 0
+            return True
+        return False
+
+    def deadline(self) -> float:
+        return self._engine.deadline(self._act.seq)
+
+    @property
+    def audio_sent(self) -> bool:
+        p = self._engine.protocol
+        return (
+            self._act.epoch != p.epoch
+            or self._act.seq < p.head_seq
+            or (self._act.seq == p.head_seq and self.chunks > 0)
+        )
+
+
+class SessionEngine:
+    def __init__(
+        self,
+        protocol: SessionProtocol,
+        synth: Synthesizer,
+        *,
+        chat: ChatLLM | None,
+        max_inflight: int,
+        clock: Callable[[], float],
+        on_output: Callable[[list[Outgoing]], None],
+        on_cancel: Callable[[int], None] = lambda epoch: None,
+        on_close: Callable[[int, str], None] = lambda code, reason: None,
+        on_metrics: Callable[[SessionProtocol], None] = lambda p: None,
+    ) -> None:
+        self.protocol = protocol
+        self._synth = synth
+        self._chat = chat
+        self._max_inflight = max_inflight
+        self._clock = clock
+        self._on_output = on_output
+        self._on_cancel = on_cancel
+        self._on_close = on_close
+        self._on_metrics = on_metrics
+        self._pending: deque[StartSegment] = deque()
+        self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._chat_task: asyncio.Task[None] | None = None
+        self._dying: set[asyncio.Task[None]] = set()
+        self._first_audio_at: float | None = None
+        self._first_audio_samples = 0
+        self._closed = False
+        self._pumping = False
+
+    # -- queries ---------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return len(self._running)
+
+    @property
+    def tasks(self) -> int:
+        """Tasks this engine still owns (for leak tests)."""
+        return len(self._running) + len(self._dying) + (1 if self._chat_task else 0)
+
+    def deadline(self, seq: int) -> float:
+        """When the client's buffer runs dry before segment ``seq`` can play."""
+        now = self._clock()
+        p = self.protocol
+        if self._first_audio_at is None:
+            runout = now
+        else:
+            played = (p.samples_sent - self._first_audio_samples) / SAMPLE_RATE
+            runout = max(now, self._first_audio_at + played)
+        return runout + max(0, seq - p.head_seq) * _SEGMENT_SPACING_S
+
+    # -- driving ---------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Move protocol output to the transport and start the work it asked for."""
+        if self._pumping:  # re-entered from a callback: the outer loop picks it up
+            return
+        self._pumping = True
+        try:
+            while True:
+                actions = self.protocol.actions()
+                out = self.protocol.data_to_send()
+                if not actions and not out:
+                    break
+                for act in actions:
+                    self._act(act)
+                if out:
+                    if self._first_audio_at is None:
+                        audio = sum(len(o.data) for o in out if isinstance(o.data, bytes))
+                        if audio:
+                            # Playback (as the client hears it) starts with this audio.
+                            self._first_audio_at = self._clock()
+                            self._first_audio_samples = self.protocol.samples_sent - audio // 2
+                    self._on_output(out)
+            self._start_ready()
+            self._on_metrics(self.protocol)
+        finally:
+            self._pumping = False
+
+    def _act(self, act: object) -> None:
+        if isinstance(act, StartSegment):
+            self._pending.append(act)
+        elif isinstance(act, CancelWork):
+            self._cancel_before(act.epoch)
+            self._on_cancel(act.epoch)
+        elif isinstance(act, StartChat):
+            self._start_chat(act)
+        elif isinstance(act, CloseSession):
+            self._on_close(act.code, act.reason)
+
+    def _start_ready(self) -> None:
+        while self._pending and len(self._running) < self._max_inflight and not self._closed:
+            act = self._pending.popleft()
+            if act.epoch != self.protocol.epoch:
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._produce(act), name=f"segment-{self.protocol.session_id}-{act.seq}"
+            )
+            self._running[(act.epoch, act.seq)] = task
+
+    def _cancel_before(self, epoch: int) -> None:
+        self._pending.clear()
+        for key, task in list(self._running.items()):
+            if key[0] < epoch:
+                del self._running[key]
+                self._bury(task)
+        if self._chat_task is not None:
+            self._bury(self._chat_task)
+            self._chat_task = None
+        # Playback restarts with the next turn's first audio.
+        self._first_audio_at = None
+
+    def _bury(self, task: asyncio.Task[None]) -> None:
+        """Cancel at once; keep a reference until it has really finished."""
+        task.cancel()
+        self._dying.add(task)
+        task.add_done_callback(self._dying.discard)
+
+    async def _produce(self, act: StartSegment) -> None:
+        key = (act.epoch, act.seq)
+        sink = _Sink(self, act)
+        job = SegmentJob(
+            self.protocol.session_id, act.epoch, act.seq, act.turn, act.turn_seq, act.text,
+            act.params,
+        )  # fmt: skip
+        try:
+            await self._synth.synthesize(job, sink)
+            item: SegmentEnd | SegmentFailed = SegmentEnd(act.epoch, act.seq, sink.chunks)
+        except asyncio.CancelledError:
+            raise
+        except GatewayError as exc:
+            item = SegmentFailed(act.epoch, act.seq, sink.chunks, exc.code.value, exc.message)
+        except Exception as exc:  # one segment's bug must not end the session
+            log.exception("segment %s/%s failed", self.protocol.session_id, act.seq)
+            item = SegmentFailed(
+                act.epoch, act.seq, sink.chunks, ErrorCode.INTERNAL.value, f"internal error: {exc}"
+            )
+        finally:
+            if self._running.get(key) is asyncio.current_task():
+                del self._running[key]
+        self.protocol.push(item)
+        self.pump()
+
+    def _start_chat(self, act: StartChat) -> None:
+        if self._chat is None:  # the protocol refuses chat when it is not configured
+            return
+        if self._chat_task is not None:
+            self._bury(self._chat_task)
+        self._chat_task = asyncio.get_running_loop().create_task(
+            self._run_chat(act), name=f"chat-{self.protocol.session_id}-{act.turn}"
+        )
+
+    async def _run_chat(self, act: StartChat) -> None:
+        assert self._chat is not None
+        error: GatewayError | None = None
+        try:
+            async for delta in self._chat.stream(act.messages):
+                self.protocol.llm_delta(act.epoch, act.turn, delta)
+                self.pump()
+        except asyncio.CancelledError:
+            raise
+        except GatewayError as exc:
+            error = exc
+        except Exception as exc:
+            log.exception("chat stream failed")
+            error = GatewayError(f"internal error: {exc}")
+        if self._chat_task is asyncio.current_task():
+            self._chat_task = None
+        self.protocol.llm_done(act.epoch, act.turn, error)
+        self.pump()
+
+    async def aclose(self) -> None:
+        """Cancel everything and wait until it has stopped."""
+        self._closed = True
+        self.protocol.close()
+        self._pending.clear()
+        for task in list(self._running.values()):
+            self._bury(task)
+        self._running.clear()
+        if self._chat_task is not None:
+            self._bury(self._chat_task)
+            self._chat_task = None
+        while self._dying:
+            await asyncio.gather(*list(self._dying), return_exceptions=True)

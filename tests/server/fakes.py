@@ -1,0 +1,76 @@
+"""Fakes for server tests: a synthesizer with deterministic audio and injectable faults."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, UpstreamError
+from gateway.server.app import Services, ServicesFactory
+from gateway.server.engine import SegmentJob, SegmentSink
+from gateway.server.metrics import Metrics
+
+
+def fake_pcm(text: str, index: int, n_bytes: int) -> bytes:
+    """Deterministic audio for (text, chunk index): a test can recompute it exactly."""
+    seed = hashlib.sha256(f"{text}|{index}".encode()).digest()
+    return (seed * (n_bytes // len(seed) + 1))[:n_bytes]
+
+
+def expected_pcm(text: str, chunks: int, n_bytes: int) -> bytes:
+    return b"".join(fake_pcm(text, i, n_bytes) for i in range(chunks))
+
+
+@dataclass
+class FakeSynth:
+    """Speaks every segment as ``chunks_for(text)`` chunks of ``chunk_bytes`` bytes."""
+
+    chunk_bytes: int = 4096
+    chunk_delay_s: float = 0.005
+    first_delay_s: float = 0.0
+    fail_texts: dict[str, GatewayError] = field(default_factory=dict)
+    fail_after_chunks: int = 0
+    delays: dict[str, float] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    active: int = 0
+
+    def chunks_for(self, text: str) -> int:
+        return max(1, len(text) // 10)
+
+    async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
+        self.started.append(job.text)
+        self.active += 1
+        try:
+            await asyncio.sleep(self.first_delay_s + self.delays.get(job.text, 0.0))
+            for i in range(self.chunks_for(job.text)):
+                err = self.fail_texts.get(job.text)
+                if err is not None and i >= self.fail_after_chunks:
+                    raise err
+                sink.audio(fake_pcm(job.text, i, self.chunk_bytes))
+                await asyncio.sleep(self.chunk_delay_s)
+            self.finished.append(job.text)
+        except asyncio.CancelledError:
+            self.cancelled.append(job.text)
+            raise
+        finally:
+            self.active -= 1
+
+
+def fake_services(synth: FakeSynth, *, ready: bool = True) -> ServicesFactory:
+    @contextlib.asynccontextmanager
+    async def factory(settings: Settings, metrics: Metrics) -> AsyncIterator[Services]:
+        async def readiness() -> dict[str, object]:
+            return {"ready": ready, "decoder": "fake", "upstreams": 1 if ready else 0}
+
+        yield Services(synth=synth, readiness=readiness)
+
+    return factory
+
+
+__all__ = ["FakeSynth", "UpstreamError", "expected_pcm", "fake_pcm", "fake_services"]
