@@ -119,6 +119,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gateway."""
+    extra: dict[str, Any] = {"server.host": args.host, "server.port": args.port}
+    if args.demo:
+        extra["gateway.demo"] = True
+    settings = _load(args, extra)
+    from gateway.server.services import run_server
+
+    return run_server(settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="voicegw", description="Real-time voice gateway for Orpheus TTS on vLLM."
@@ -135,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reasons", action="store_true", help="also print why each cut was made")
     p.set_defaults(func=cmd_segment)
 
+    p = sub.add_parser("serve", help="run the gateway")
+    _add_config_args(p)
+    p.add_argument("--host", help="listen address (gateway.server.host)")
+    p.add_argument("--port", type=int, help="listen port (gateway.server.port)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="start a fake vLLM and point the gateway at it; allow random SNAC weights",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    sub.add_parser(
+        "fake-vllm", help="a fake vLLM server for tests, demos and benchmarks", add_help=False
+    )
+
     p = sub.add_parser("config", help="print the effective settings")
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="list every key with its default")
@@ -144,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fake-vllm"]:
+        # The fake server has its own flags; hand them over untouched.
+        from gateway.fake_vllm import main as fake_main
+
+        return fake_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -1,0 +1,88 @@
+"""The real synthesizer: vLLM upstream frames into the batched SNAC decoder, into the sink.
+
+Per segment, two things run concurrently: reading the upstream stream (frames arrive
+while the model generates) and draining the decoder stream (PCM chunks as soon as each
+window is decoded). Frames go to the decoder the moment they are complete; audio goes to
+the session the moment it is decoded.
+
+A transient upstream failure may be retried, but only while none of the segment's audio
+has been released toward the client; then the partial audio is taken back and the new
+attempt starts from chunk 0. Otherwise the segment fails in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.errors import ErrorCode, UpstreamError
+from gateway.server.engine import SegmentJob, SegmentSink
+from gateway.upstream.client import TtsRequest
+from gateway.upstream.pool import Restart, UpstreamPool
+
+
+class Pipeline:
+    def __init__(self, pool: UpstreamPool, worker: Any) -> None:
+        self.pool = pool
+        self.worker = worker
+
+    def _open(self, job: SegmentJob, sink: SegmentSink) -> Any:
+        return self.worker.open_stream(
+            session_id=job.session_id, turn=job.epoch, seq=job.seq, deadline=sink.deadline
+        )
+
+    async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
+        p = job.params
+        req = TtsRequest(
+            session_id=job.session_id,
+            turn=job.epoch,
+            seq=job.seq,
+            voice=p.voice,
+            text=job.text,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            repetition_penalty=p.repetition_penalty,
+            seed=p.seed,
+        )
+        frames = 0
+        stream = self._open(job, sink)
+        consumer = asyncio.create_task(_drain(stream, sink))
+        try:
+            async for ev in self.pool.synthesize(req, may_restart=lambda: not sink.audio_sent):
+                if isinstance(ev, Restart):
+                    await _stop(stream, consumer)
+                    if not sink.restart():
+                        raise UpstreamError(
+                            f"upstream failed after audio was sent: {ev.message}",
+                            code=ErrorCode.UPSTREAM_ERROR,
+                        )
+                    frames = 0
+                    stream = self._open(job, sink)
+                    consumer = asyncio.create_task(_drain(stream, sink))
+                    continue
+                if consumer.done():
+                    consumer.result()  # a decoder failure ends the segment now
+                stream.push(list(ev.frames))
+                frames += len(ev.frames)
+            if frames == 0:
+                raise UpstreamError("the upstream produced no audio", code=ErrorCode.NO_AUDIO)
+            await stream.end()
+            await consumer
+        finally:
+            await _stop(stream, consumer)
+
+
+async def _drain(stream: Any, sink: SegmentSink) -> None:
+    async for pcm in stream.chunks():
+        sink.audio(pcm)
+
+
+async def _stop(stream: Any, consumer: asyncio.Task[None]) -> None:
+    """Stop decoding and wait for the drain task, without swallowing our own cancel."""
+    stream.cancel()
+    if not consumer.done():
+        consumer.cancel()
+        await asyncio.wait([consumer])
+    if not consumer.cancelled():
+        consumer.exception()  # retrieved: its failure was already reported or superseded
