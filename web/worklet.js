@@ -1,0 +1,350 @@
+// The one long-lived AudioWorkletProcessor that plays the gateway's PCM.
+//
+// Why a worklet with a ring buffer (and not chained AudioBufferSourceNodes): chained
+// sources are scheduled from the main thread, so every segment boundary is a chance for a
+// gap or an overlap when the main thread is late (layout, GC, a busy tab). Here the audio
+// thread pulls samples from one continuous queue, so boundaries do not exist for playback:
+// a gap can only happen when the queue is truly empty, and then we know it and report it.
+//
+// Messages in (all on this.port, in order, so marks line up exactly with the PCM):
+//   {type:"pcm", buf}            s16le mono 24 kHz bytes; the ArrayBuffer is transferred
+//   {type:"seg", key}            the next PCM sample starts segment `key` ("turn:seq")
+//   {type:"segend", key}         segment `key` ends at the current write position
+//   {type:"end", turn}           turn `turn` has no more audio (turn.done)
+//   {type:"interrupt"}           fade out ~8 ms, then flush everything received so far
+//   {type:"snapshot", id}        reply now with exact counters (tests, page refresh)
+//   {type:"config", prebufferMs}
+// Messages out: "stats" (every ~25 ms) and events: segstart, segend, turnend, underrun,
+// underrunend, flushed, snapshot.
+//
+// Counting is in 24 kHz *source* samples, whatever the context's rate, so that
+// "samples played == samples received" can be checked exactly even when we resample.
+
+const SOURCE_RATE = 24000;
+const AUDIBLE = 1e-3; // about -60 dBFS: below this we call the output silent
+const STATS_EVERY_S = 0.025;
+
+class PcmPlayerProcessor extends AudioWorkletProcessor {
+  constructor(options) {
+    super();
+    const opts = (options && options.processorOptions) || {};
+    // Source samples per output frame. 1 when the browser honoured sampleRate: 24000;
+    // otherwise this is the only place in the app that resamples, and it keeps its phase
+    // (`frac`) and last sample (`cur`) across quanta, segments and turns, so resampling
+    // never introduces a discontinuity at a boundary.
+    this.step = SOURCE_RATE / sampleRate;
+    this.prebuffer = Math.round(((opts.prebufferMs ?? 100) * SOURCE_RATE) / 1000);
+
+    // Ring buffer of float samples. Positions are absolute sample counts (JS numbers are
+    // exact to 2^53, i.e. thousands of years of audio); index = pos & mask.
+    this.ring = new Float32Array(1 << 20); // ~44 s at 24 kHz; grows if a fast server outruns us
+    this.mask = this.ring.length - 1;
+    this.written = 0; // samples received (pushed into the ring)
+    this.read = 0; // samples taken out of the ring: played + dropped
+    this.played = 0;
+    this.dropped = 0; // flushed by an interrupt
+    this.oddByte = -1; // a PCM frame with an odd byte count leaves half a sample for the next
+
+    this.marks = []; // {kind, pos, key|turn}, in write order
+    this.endPos = 0; // write position at the latest turn end: the queue is complete up to it
+
+    // "idle": no turn playing; "prebuffer": waiting for ~100 ms before (re)starting;
+    // "playing": pulling samples.
+    this.state = "idle";
+    this.cur = 0; // the source sample at the resampler's integer position
+    this.frac = 0; // the resampler's phase between `cur` and the next sample
+    this.gain = 0;
+    this.gainStep = 1 / Math.max(1, Math.round(0.002 * sampleRate)); // 2 ms fade-in: no click
+    this.hold = 0; // after a starve, the last output value decays to 0 instead of jumping
+    this.holdDecay = Math.exp(-1 / (0.002 * sampleRate));
+    this.fadeFrames = Math.max(1, Math.round(0.008 * sampleRate));
+    this.fading = false; // an interrupt is fading out
+    this.flushPos = 0; // what the interrupt flushes: everything written before it
+
+    this.underruns = 0;
+    this.underrunFrames = 0; // completed underruns, in output frames
+    this.underrunStart = -1; // output frame where the current underrun began, or -1
+    this.segmentsPlayed = 0;
+    this.frame = 0; // output frames rendered since start
+    this.lastAudibleTime = -1; // context time of the last output frame above AUDIBLE
+    this.peak = 0;
+    this.sumSq = 0;
+    this.nSq = 0;
+    this.statsEvery = Math.max(1, Math.round((STATS_EVERY_S * sampleRate) / 128));
+    this.quanta = 0;
+
+    this.port.onmessage = (e) => this.onMessage(e.data);
+  }
+
+  // ---- input ------------------------------------------------------------------------
+
+  onMessage(m) {
+    switch (m.type) {
+      case "pcm":
+        this.pushPcm(m.buf);
+        break;
+      case "seg":
+        this.marks.push({ kind: "seg", pos: this.written, key: m.key });
+        break;
+      case "segend":
+        this.marks.push({ kind: "segend", pos: this.written, key: m.key });
+        break;
+      case "end":
+        this.endPos = this.written;
+        this.marks.push({ kind: "end", pos: this.written, turn: m.turn });
+        break;
+      case "interrupt":
+        this.interrupt();
+        break;
+      case "snapshot":
+        this.port.postMessage({ type: "snapshot", id: m.id, stats: this.stats() });
+        break;
+      case "config":
+        if (typeof m.prebufferMs === "number") {
+          this.prebuffer = Math.round((m.prebufferMs * SOURCE_RATE) / 1000);
+        }
+        break;
+    }
+  }
+
+  pushPcm(buf) {
+    let bytes = new Uint8Array(buf);
+    if (this.oddByte >= 0 || bytes.length % 2) {
+      // Rare path: re-align across frame boundaries so no half-sample is lost.
+      const joined = new Uint8Array(bytes.length + (this.oddByte >= 0 ? 1 : 0));
+      let o = 0;
+      if (this.oddByte >= 0) joined[o++] = this.oddByte;
+      joined.set(bytes, o);
+      this.oddByte = joined.length % 2 ? joined[joined.length - 1] : -1;
+      bytes = joined.subarray(0, joined.length - (joined.length % 2));
+    }
+    const n = bytes.length >> 1;
+    if (n === 0) return;
+    // s16le: every browser runs on little-endian hardware, so Int16Array reads it as is.
+    const pcm = new Int16Array(bytes.buffer, bytes.byteOffset, n);
+    this.ensureCapacity(this.written - this.read + n);
+    let w = this.written;
+    const ring = this.ring;
+    const mask = this.mask;
+    for (let i = 0; i < n; i++) ring[w++ & mask] = pcm[i] / 32768;
+    this.written = w;
+  }
+
+  ensureCapacity(need) {
+    if (need <= this.ring.length) return;
+    // Growing copies on the audio thread, but only when the server is far ahead of
+    // playback (tens of seconds queued) and at most a few times per session.
+    let size = this.ring.length;
+    while (size < need) size *= 2;
+    const next = new Float32Array(size);
+    for (let p = this.read; p < this.written; p++) next[p & (size - 1)] = this.ring[p & this.mask];
+    this.ring = next;
+    this.mask = size - 1;
+  }
+
+  interrupt() {
+    this.flushPos = this.written;
+    // Marks sent before the interrupt all describe the interrupted work.
+    this.marks = [];
+    this.endPos = this.written;
+    this.endUnderrun();
+    if (this.state === "playing" && this.gain > 0) {
+      // Fade from wherever the gain is now to 0 over ~8 ms: a hard cut would click.
+      this.fading = true;
+      this.fadeStep = this.gain / this.fadeFrames;
+    } else {
+      this.flush();
+    }
+  }
+
+  flush() {
+    this.fading = false;
+    const drop = Math.max(0, this.flushPos - this.read);
+    this.read += drop;
+    this.dropped += drop;
+    this.gain = 0;
+    this.frac = 0;
+    this.cur = 0;
+    // PCM that arrived after the interrupt (the next turn) stays queued.
+    this.state = this.written > this.read ? "prebuffer" : "idle";
+    this.port.postMessage({ type: "flushed", dropped: drop, time: currentTime });
+  }
+
+  // ---- output -----------------------------------------------------------------------
+
+  available() {
+    return this.written - this.read;
+  }
+
+  turnEnded() {
+    // Everything written so far precedes the latest turn end: no more audio is owed.
+    return this.endPos >= this.written;
+  }
+
+  pop() {
+    const v = this.ring[this.read & this.mask];
+    this.read++;
+    this.played++;
+    return v;
+  }
+
+  startPlaying() {
+    this.endUnderrun();
+    this.state = "playing";
+    this.cur = this.pop();
+    this.frac = 0;
+    this.gain = 0; // fade in from silence (2 ms) instead of jumping into the waveform
+  }
+
+  endUnderrun() {
+    if (this.underrunStart < 0) return;
+    const frames = this.frame - this.underrunStart;
+    this.underrunFrames += frames;
+    this.underrunStart = -1;
+    this.port.postMessage({ type: "underrunend", ms: (frames / sampleRate) * 1000 });
+  }
+
+  // The queue ran dry while playing. If the turn is over that is simply its end;
+  // otherwise it is an underrun, detected here on the audio thread where it happens.
+  starve(frameInQuantum) {
+    this.state = "idle";
+    this.frac = 0;
+    if (this.turnEnded()) return;
+    this.state = "prebuffer";
+    this.underruns++;
+    this.underrunStart = this.frame + frameInQuantum;
+    this.port.postMessage({ type: "underrun", count: this.underruns, time: currentTime });
+  }
+
+  process(_inputs, outputs) {
+    const out = outputs[0][0];
+    const n = out.length;
+    const step = this.step;
+    let peak = 0;
+    let lastAudible = -1;
+
+    for (let i = 0; i < n; i++) {
+      if (this.state !== "playing") {
+        if (this.state === "idle" && this.available() > 0) this.state = "prebuffer";
+        if (
+          this.state === "prebuffer" &&
+          (this.available() >= this.prebuffer || (this.available() > 0 && this.turnEnded()))
+        ) {
+          this.startPlaying();
+        } else {
+          if (this.state === "prebuffer" && this.underrunStart >= 0 && this.turnEnded()) {
+            this.endUnderrun(); // the turn ended while we were starved: no longer owed audio
+            this.state = "idle";
+          }
+          const v = this.hold;
+          this.hold *= this.holdDecay;
+          out[i] = v;
+          const a = v < 0 ? -v : v;
+          if (a > peak) peak = a;
+          if (a > AUDIBLE) lastAudible = i;
+          continue;
+        }
+      }
+
+      // Linear interpolation between `cur` and the next queued sample. With a 24 kHz
+      // context frac stays 0 and this is an exact copy. Linear is enough for the usual
+      // 24 -> 44.1/48 kHz upsampling of speech; the queue's head is the lookahead, and at a
+      // turn's end (nothing queued) we hold the last sample.
+      let v = this.cur;
+      if (this.frac > 0) {
+        const next = this.read < this.written ? this.ring[this.read & this.mask] : this.cur;
+        v += (next - this.cur) * this.frac;
+      }
+
+      if (this.fading) {
+        this.gain -= this.fadeStep;
+        if (this.gain <= 0) this.gain = 0;
+      } else if (this.gain < 1) {
+        this.gain = Math.min(1, this.gain + this.gainStep);
+      }
+      v *= this.gain;
+      out[i] = v;
+      this.hold = v;
+      const a = v < 0 ? -v : v;
+      if (a > peak) peak = a;
+      if (a > AUDIBLE) lastAudible = i;
+      this.sumSq += v * v;
+      this.nSq++;
+
+      if (this.fading && (this.gain === 0 || this.read >= this.flushPos)) {
+        this.flush();
+        continue;
+      }
+
+      this.frac += step;
+      while (this.frac >= 1) {
+        this.frac -= 1;
+        if (this.read < this.written && !(this.fading && this.read >= this.flushPos)) {
+          this.cur = this.pop();
+        } else {
+          if (this.fading) this.flush();
+          else this.starve(i + 1);
+          break;
+        }
+      }
+    }
+
+    // Copy mono to any further output channels.
+    for (let c = 1; c < outputs[0].length; c++) outputs[0][c].set(out);
+
+    if (lastAudible >= 0) this.lastAudibleTime = currentTime + (lastAudible + 1) / sampleRate;
+    if (peak > this.peak) this.peak = peak;
+    this.frame += n;
+    this.fireMarks();
+    if (++this.quanta % this.statsEvery === 0) {
+      this.port.postMessage({ type: "stats", stats: this.stats() });
+      this.peak = 0;
+      this.sumSq = 0;
+      this.nSq = 0;
+    }
+    return true; // one long-lived node: keep the processor alive between turns
+  }
+
+  // Marks fire when playback (not arrival) reaches them: this is what moves the
+  // transcript highlight, so it follows what the listener actually hears.
+  fireMarks() {
+    const marks = this.marks;
+    while (marks.length) {
+      const m = marks[0];
+      const reached = m.kind === "seg" ? this.read > m.pos : this.read >= m.pos;
+      if (!reached) break;
+      marks.shift();
+      if (m.kind === "seg") {
+        this.port.postMessage({ type: "segstart", key: m.key, time: currentTime });
+      } else if (m.kind === "segend") {
+        this.segmentsPlayed++;
+        this.port.postMessage({ type: "segend", key: m.key, time: currentTime });
+      } else {
+        this.port.postMessage({ type: "turnend", turn: m.turn, time: currentTime });
+      }
+    }
+  }
+
+  stats() {
+    const current = this.underrunStart >= 0 ? this.frame - this.underrunStart : 0;
+    return {
+      samplesReceived: this.written,
+      samplesPlayed: this.played,
+      samplesDropped: this.dropped,
+      bufferedSamples: this.written - this.read,
+      bufferedMs: ((this.written - this.read) / SOURCE_RATE) * 1000,
+      underruns: this.underruns,
+      underrunMs: ((this.underrunFrames + current) / sampleRate) * 1000,
+      segmentsPlayed: this.segmentsPlayed,
+      state: this.fading ? "fading" : this.state,
+      peak: this.peak,
+      rms: this.nSq ? Math.sqrt(this.sumSq / this.nSq) : 0,
+      lastAudibleTime: this.lastAudibleTime,
+      time: currentTime,
+      sampleRate,
+      resampling: this.step !== 1,
+    };
+  }
+}
+
+registerProcessor("pcm-player", PcmPlayerProcessor);
