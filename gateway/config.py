@@ -72,11 +72,11 @@ class TimeoutSettings:
 
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
-    enabled: bool = _f(True)
-    max_retries: int = _f(3, lo=0, hi=20)
-    initial_wait_ms: int = _f(1000, lo=0, hi=600_000)
-    max_wait_ms: int = _f(30_000, lo=0, hi=3_600_000)
-    exponential_base: float = _f(2.0, lo=1.0, hi=10.0)
+    enabled: bool = _f(True, doc="retry transient failures before audio was sent")
+    max_retries: int = _f(3, lo=0, hi=20, doc="retries per segment")
+    initial_wait_ms: int = _f(1000, lo=0, hi=600_000, doc="first backoff (ms), with jitter")
+    max_wait_ms: int = _f(30_000, lo=0, hi=3_600_000, doc="backoff ceiling (ms)")
+    exponential_base: float = _f(2.0, lo=1.0, hi=10.0, doc="backoff growth per retry")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +85,14 @@ class UpstreamSettings:
 
     host: str = _f("127.0.0.1", doc="vLLM host (single-endpoint form)")
     port: int = _f(8000, lo=1, hi=65535, doc="vLLM port (single-endpoint form)")
-    scheme: str = _f("http", choices=("http", "https"))
+    scheme: str = _f("http", choices=("http", "https"), doc="http or https")
     endpoints: tuple[Endpoint, ...] = _f((), doc="several vLLM replicas; overrides host/port")
     tts_model: str = _f("canopylabs/orpheus-3b-0.1-ft", doc="served model name")
     tts_voice: str = _f("tara", choices=VOICES, doc="default voice")
-    temperature: float = _f(0.6, lo=0.0, hi=2.0)
-    top_p: float = _f(0.95, lo=0.01, hi=1.0)
-    max_tokens: int = _f(1200, lo=7, hi=32_768)
-    repetition_penalty: float = _f(1.1, lo=0.5, hi=3.0)
+    temperature: float = _f(0.6, lo=0.0, hi=2.0, doc="sampling temperature")
+    top_p: float = _f(0.95, lo=0.01, hi=1.0, doc="nucleus sampling")
+    max_tokens: int = _f(1200, lo=7, hi=32_768, doc="audio tokens per segment (1200 = 14.6 s)")
+    repetition_penalty: float = _f(1.1, lo=0.5, hi=3.0, doc="Orpheus needs >= 1.1")
     max_concurrent_requests: int = _f(4, lo=1, hi=4096, doc="per upstream; match --max-num-seqs")
     request_queue_size: int = _f(10, lo=0, hi=100_000, doc="bounded wait queue per upstream")
     timeout: TimeoutSettings = _fm(TimeoutSettings)
@@ -100,10 +100,12 @@ class UpstreamSettings:
     api_key_env: str = _f("", doc="name of the env var holding the vLLM API key")
     extra_body: Mapping[str, Any] = _fm(dict, doc="passed through into every request body")
     eject_after_failures: int = _f(3, lo=1, hi=1000, doc="consecutive failures before ejection")
-    eject_cooldown_ms: int = _f(10_000, lo=100, hi=3_600_000)
+    eject_cooldown_ms: int = _f(10_000, lo=100, hi=3_600_000, doc="ejected endpoint rest (ms)")
     snac_model: str = _f("hubertsiuzdak/snac_24khz", doc="hub id, local dir, or 'random'")
-    snac_device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?")
-    snac_dtype: str = _f("float32", choices=("float32", "float16", "bfloat16"))
+    snac_device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?", doc="auto, cpu or cuda[:N]")
+    snac_dtype: str = _f(
+        "float32", choices=("float32", "float16", "bfloat16"), doc="fp16/bf16 on CUDA only"
+    )
 
     @property
     def endpoint_list(self) -> tuple[Endpoint, ...]:
@@ -114,15 +116,15 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    host: str = _f("127.0.0.1")
-    port: int = _f(8080, lo=0, hi=65535)
-    log_level: str = _f("info", choices=("debug", "info", "warning", "error"))
+    host: str = _f("127.0.0.1", doc="listen address")
+    port: int = _f(8080, lo=0, hi=65535, doc="listen port")
+    log_level: str = _f("info", choices=("debug", "info", "warning", "error"), doc="log level")
 
 
 @dataclass(frozen=True, slots=True)
 class SegmenterSettings:
     fast_first: bool = _f(True, doc="first segment of a turn may end at a clause boundary")
-    first_clause_min_chars: int = _f(20, lo=1, hi=1000)
+    first_clause_min_chars: int = _f(20, lo=1, hi=1000, doc="fast first segment minimum")
     min_chars: int = _f(40, lo=0, hi=2000, doc="later short sentences merge up to this")
     max_chars: int = _f(180, lo=20, hi=4000, doc="longer sentences split at clauses/words")
     idle_flush_ms: int = _f(800, lo=0, hi=600_000, doc="release stalled text; 0 disables")
@@ -135,23 +137,27 @@ class DecoderSettings:
     first_chunk_frames: int = _f(2, lo=1, hi=64, doc="frames in a segment's first chunk")
     chunk_frames: int = _f(8, lo=1, hi=256, doc="frames in later chunks")
     first_chunk_right_context: int = _f(-1, lo=-1, hi=16, doc="-1 = context_frames")
-    max_batch: int = _f(16, lo=1, hi=1024)
-    max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0)
-    queue_size: int = _f(4096, lo=1, hi=1_000_000)
+    max_batch: int = _f(16, lo=1, hi=1024, doc="windows per batched decode")
+    max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")
+    queue_size: int = _f(4096, lo=1, hi=1_000_000, doc="pending decode jobs, all sessions")
     threads: int = _f(0, lo=0, hi=256, doc="torch intra-op threads; 0 = torch default")
 
 
 @dataclass(frozen=True, slots=True)
 class LimitsSettings:
-    max_sessions: int = _f(256, lo=1, hi=100_000)
-    max_sessions_per_key: int = _f(32, lo=1, hi=100_000)
-    max_frame_bytes: int = _f(65_536, lo=256, hi=16 * 1024 * 1024)
-    max_turn_chars: int = _f(20_000, lo=1, hi=10_000_000)
-    max_inflight_segments: int = _f(3, lo=1, hi=64)
-    segments_per_minute: int = _f(240, lo=1, hi=100_000)
-    reorder_buffer_bytes: int = _f(16 * 1024 * 1024, lo=65_536, hi=1 << 31)
-    outbound_queue_bytes: int = _f(4 * 1024 * 1024, lo=65_536, hi=1 << 31)
-    slow_client_timeout_ms: int = _f(10_000, lo=100, hi=600_000)
+    max_sessions: int = _f(256, lo=1, hi=100_000, doc="concurrent sessions (close 1013)")
+    max_sessions_per_key: int = _f(32, lo=1, hi=100_000, doc="per API key")
+    max_frame_bytes: int = _f(65_536, lo=256, hi=16 * 1024 * 1024, doc="client frame size")
+    max_turn_chars: int = _f(20_000, lo=1, hi=10_000_000, doc="text per turn")
+    max_inflight_segments: int = _f(3, lo=1, hi=64, doc="parallel requests per session")
+    segments_per_minute: int = _f(240, lo=1, hi=100_000, doc="per session")
+    reorder_buffer_bytes: int = _f(
+        16 * 1024 * 1024, lo=65_536, hi=1 << 31, doc="audio held for later segments"
+    )
+    outbound_queue_bytes: int = _f(
+        4 * 1024 * 1024, lo=65_536, hi=1 << 31, doc="unsent frames before 4008 slow_client"
+    )
+    slow_client_timeout_ms: int = _f(10_000, lo=100, hi=600_000, doc="longest blocked send")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +170,16 @@ class AuthSettings:
 @dataclass(frozen=True, slots=True)
 class LLMSettings:
     base_url: str = _f("", doc="OpenAI-compatible chat API base URL, e.g. http://host/v1")
-    model: str = _f("")
-    api_key_env: str = _f("")
+    model: str = _f("", doc="chat model name")
+    api_key_env: str = _f("", doc="env var holding the chat API key")
     system_prompt: str = _f(
         "You are a friendly voice assistant. Answer in a few short spoken sentences, "
-        "without markdown."
+        "without markdown.",
+        doc="system message",
     )
-    temperature: float = _f(0.7, lo=0.0, hi=2.0)
-    max_tokens: int = _f(512, lo=1, hi=32_768)
-    max_history_messages: int = _f(40, lo=2, hi=10_000)
+    temperature: float = _f(0.7, lo=0.0, hi=2.0, doc="chat sampling temperature")
+    max_tokens: int = _f(512, lo=1, hi=32_768, doc="reply length cap")
+    max_history_messages: int = _f(40, lo=2, hi=10_000, doc="history kept per session")
 
 
 @dataclass(frozen=True, slots=True)
