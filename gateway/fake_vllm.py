@@ -93,11 +93,13 @@ class Fault:
 
     ``after_tokens`` places mid-stream faults (disconnect, stall, stream_error,
     bad_tokens); ``seconds`` is a stall's or a slow first token's length; ``status`` is
-    the HTTP status of ``http_error``; ``count`` is how many tokens ``bad_tokens`` spoils.
+    the HTTP status of ``http_error`` (default 503) or the ``code`` of a
+    ``stream_error`` event (default 500); ``count`` is how many tokens ``bad_tokens``
+    spoils.
     """
 
     kind: FaultKind
-    status: int = 503
+    status: int | None = None
     after_tokens: int = 14
     seconds: float = 3600.0
     count: int = 2
@@ -437,10 +439,11 @@ class FakeVLLM:
         if fault is not None:
             self._fault_counts[fault.kind] += 1
             if fault.kind == "http_error":
+                status = fault.status or 503
                 return _error(
-                    fault.status,
-                    fault.message or f"injected fault: HTTP {fault.status}",
-                    "ServiceUnavailableError" if fault.status == 503 else "InternalServerError",
+                    status,
+                    fault.message or f"injected fault: HTTP {status}",
+                    "ServiceUnavailableError" if status == 503 else "InternalServerError",
                 )
         stop_ids = body.get("stop_token_ids") or []
         stops = isinstance(stop_ids, list) and END_OF_SPEECH_TOKEN_ID in stop_ids
@@ -676,7 +679,7 @@ class FakeVLLM:
                     "message": fault.message or "injected fault: error mid-stream",
                     "type": "InternalServerError",
                     "param": None,
-                    "code": fault.status if fault.status != 503 else 500,
+                    "code": fault.status or 500,
                 }
             }
             await self._write(send, b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n", rng)

@@ -1,0 +1,31 @@
+"""The TTS upstream: Orpheus on vLLM's completions API, behind a bounded, fair pool.
+
+The session runner needs only :class:`UpstreamPool`, :class:`TtsRequest` and the events
+of :class:`Synthesis`; see :mod:`gateway.upstream.pool` for the contract.
+"""
+
+from gateway.upstream.client import TtsRequest, UpstreamClient, build_body
+from gateway.upstream.pool import (
+    AudioFrames,
+    EndpointStats,
+    PoolStats,
+    RequestStats,
+    Restart,
+    Synthesis,
+    SynthEvent,
+    UpstreamPool,
+)
+
+__all__ = [
+    "AudioFrames",
+    "EndpointStats",
+    "PoolStats",
+    "RequestStats",
+    "Restart",
+    "SynthEvent",
+    "Synthesis",
+    "TtsRequest",
+    "UpstreamClient",
+    "UpstreamPool",
+    "build_body",
+]
