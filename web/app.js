@@ -60,7 +60,8 @@ const counters = {
   highlightLog: [], // {key, arrivedAt, playedAt}
   lastInterrupt: null,
   lastFlush: null,
-  underrunLog: [],
+  underrunLog: [], // {at, time, ms}
+  startLog: [], // {buffered, afterUnderrun}: playback (re)starts and their prebuffer
 };
 const eventLog = [];
 
@@ -88,7 +89,8 @@ function activeEntries() {
 
 function audioBusy() {
   const s = player.stats;
-  return !!s && (s.bufferedSamples > 0 || s.state === "playing" || s.state === "fading");
+  if (!s || player.flushed) return false;
+  return s.bufferedSamples > 0 || s.state === "playing" || s.state === "fading";
 }
 
 function busy() {
@@ -262,7 +264,15 @@ function onPlayerEvent(m) {
       break;
     }
     case "underrun":
-      counters.underrunLog.push({ at: performance.now(), time: m.time });
+      counters.underrunLog.push({ at: performance.now(), time: m.time, ms: null });
+      break;
+    case "underrunend": {
+      const last = counters.underrunLog.at(-1);
+      if (last && last.ms === null) last.ms = m.ms;
+      break;
+    }
+    case "start":
+      counters.startLog.push({ buffered: m.buffered, afterUnderrun: m.afterUnderrun });
       break;
     case "flushed":
       counters.lastFlush = { dropped: m.dropped, time: m.time, at: performance.now() };
@@ -407,21 +417,12 @@ function fmtMs(ms) {
 const meter = $("meter");
 const meterCtx = meter.getContext("2d");
 const levels = new Array(48).fill(0);
-let timeData = null;
 let lastText = 0;
 
 function frame(now) {
   requestAnimationFrame(frame);
   const s = player.stats;
-  let level = 0;
-  if (player.analyser) {
-    timeData ??= new Float32Array(player.analyser.fftSize);
-    player.analyser.getFloatTimeDomainData(timeData);
-    let sum = 0;
-    for (const v of timeData) sum += v * v;
-    level = Math.sqrt(sum / timeData.length);
-  }
-  drawMeter(level);
+  drawMeter(player.outputLevel());
   if (now - lastText < 100) return;
   lastText = now;
   $("stat-ttfa").textContent = fmtMs(counters.ttfaMs);
@@ -583,6 +584,7 @@ function pageFigures() {
     turnsDone: counters.turnsDone,
     highlightLog: counters.highlightLog,
     underrunLog: counters.underrunLog,
+    startLog: counters.startLog,
     lastInterrupt: counters.lastInterrupt,
     lastFlush: counters.lastFlush,
     awaitingInterrupted: client.awaitingInterrupted,
@@ -596,6 +598,7 @@ window.voicegw = {
   speak,
   chat,
   interrupt: () => interrupt("api"),
+  outputLevel: () => player.outputLevel(),
   setSpeed(cps) {
     $("speed").value = String(cps);
     speedOut();

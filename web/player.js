@@ -16,6 +16,9 @@ export class Player {
     this.snapshots = new Map();
     this.nextSnapshot = 1;
     this.forcedRate = null;
+    // Between an interrupt and the next PCM, the (up to 25 ms old) periodic stats may
+    // still show audio queued; this says it is already gone.
+    this.flushed = false;
   }
 
   get started() {
@@ -69,6 +72,7 @@ export class Player {
   // PCM bytes straight from the WebSocket (binaryType "arraybuffer"). The buffer is
   // transferred, not copied: the main thread never touches the samples.
   pushPcm(buf) {
+    this.flushed = false;
     this.post({ type: "pcm", buf }, [buf]);
   }
 
@@ -87,6 +91,7 @@ export class Player {
   // Local half of an interrupt: the worklet fades out within ~8 ms and flushes.
   // Messages still queued for a worklet that is loading are flushed by it in order.
   interrupt() {
+    this.flushed = true;
     this.post({ type: "interrupt" });
     return this.ctx ? this.ctx.currentTime : 0;
   }
@@ -112,6 +117,16 @@ export class Player {
       return;
     }
     this.onEvent(m);
+  }
+
+  // RMS of what the analyser (after the worklet, before the speakers) sees right now.
+  outputLevel() {
+    if (!this.analyser) return 0;
+    const data = new Float32Array(this.analyser.fftSize);
+    this.analyser.getFloatTimeDomainData(data);
+    let sum = 0;
+    for (const v of data) sum += v * v;
+    return Math.sqrt(sum / data.length);
   }
 
   get sampleRate() {

@@ -14,8 +14,8 @@
 //   {type:"interrupt"}           fade out ~8 ms, then flush everything received so far
 //   {type:"snapshot", id}        reply now with exact counters (tests, page refresh)
 //   {type:"config", prebufferMs}
-// Messages out: "stats" (every ~25 ms) and events: segstart, segend, turnend, underrun,
-// underrunend, flushed, snapshot.
+// Messages out: "stats" (every ~25 ms) and events: start (playback (re)starts, with how
+// much was buffered), segstart, segend, turnend, underrun, underrunend, flushed, snapshot.
 //
 // Counting is in 24 kHz *source* samples, whatever the context's rate, so that
 // "samples played == samples received" can be checked exactly even when we resample.
@@ -189,6 +189,13 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
   }
 
   startPlaying() {
+    // Reported so the page (and the tests) can see the prebuffer actually held.
+    this.port.postMessage({
+      type: "start",
+      buffered: this.available(),
+      afterUnderrun: this.underrunStart >= 0,
+      time: currentTime,
+    });
     this.endUnderrun();
     this.state = "playing";
     this.cur = this.pop();

@@ -55,8 +55,8 @@ class MockOptions:
     chat: bool = True
     keys: tuple[str, ...] = ()
     llm_chars_per_s: float = 160.0
-    seconds_per_char: float = 0.062
-    """How long the fake voice takes per character (about 16 characters a second)."""
+    seconds_per_char: float = 0.055
+    """How long the fake voice takes per character (about 18 characters a second)."""
 
 
 @dataclass
@@ -93,14 +93,20 @@ def synth(text: str, voice: str, seconds_per_char: float) -> bytes:
     return (pcm * 32767).astype("<i2").tobytes()
 
 
-def fake_reply(message: str, history_len: int) -> str:
-    topic = " ".join(message.split()[:6]).rstrip(".!?,")
-    return (
-        f"Good question about {topic}. <chuckle> Here is the short version: streaming "
-        "the reply sentence by sentence means you hear me while I am still thinking. "
-        f"This is message {history_len // 2 + 1} of our conversation, and I remember "
-        "the earlier ones."
-    )
+_REPLIES = (
+    "Great question! <chuckle> Each sentence goes to the voice the moment it is written. "
+    "So you hear me while I am still thinking.",
+    "Happy to explain. The first words play within a fraction of a second, and the rest "
+    "keeps arriving while I talk.",
+    "Sure. <sigh> Interrupt me any time: I stop at once, and I only remember what you "
+    "actually heard.",
+)
+
+
+def fake_reply(history: list[tuple[str, str]]) -> str:
+    """A canned reply; which one depends on the session's history, as a real chat's would."""
+    users = sum(1 for role, _ in history if role == "user")
+    return _REPLIES[(users - 1) % len(_REPLIES)]
 
 
 class _Session:
@@ -270,7 +276,7 @@ class _Session:
             self._end(self.open)
         turn = self._open_turn(chat=True)
         self.history.append(("user", text))
-        reply = fake_reply(text, len(self.history))
+        reply = fake_reply(self.history)
         self.llm = asyncio.create_task(self._stream_reply(turn, reply, self.epoch))
 
     async def _stream_reply(self, turn: _Turn, reply: str, epoch: int) -> None:

@@ -1,0 +1,289 @@
+"""The voice chat page in a real browser (Debian chromium, headless, real audio clock).
+
+Headless chromium without a sound card still runs an AudioContext on a real-time clock
+(a fake output stream), so the worklet consumes samples exactly as it would on speakers:
+these tests measure real playback, not a simulation. Every figure checked comes from the
+worklet's own counters (``voicegw.snapshot()`` asks the audio thread directly) or from the
+protocol events the page received.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+PARAGRAPH = (
+    "The gateway turns streaming text into speech as it arrives. "
+    "Each sentence plays strictly in order. "
+    "Nothing should ever stutter."
+)
+LONG_TEXT = (
+    "This sentence is long enough to keep the speaker busy for a good few seconds, "
+    "which gives the test time to interrupt it in the middle of a word. "
+    "And this one would follow it, if it were ever allowed to play."
+)
+
+IDLE = """n => {
+  const s = voicegw.stats();
+  return s.turnsDone.length >= n && !s.busy && s.state === 'idle';
+}"""
+
+
+def snapshot(page: Any) -> dict[str, Any]:
+    """Exact counters from the audio thread, plus the page's protocol figures."""
+    return page.evaluate("voicegw.snapshot()")
+
+
+def wait_turns_played(page: Any, n: int, timeout_s: float = 30) -> dict[str, Any]:
+    page.wait_for_function(IDLE, arg=n, timeout=timeout_s * 1000)
+    return snapshot(page)
+
+
+def speak(page: Any, text: str) -> None:
+    page.fill("#speak-text", text)
+    page.click("#speak-btn")
+
+
+def set_max_speed(page: Any) -> None:
+    # As a keyboard user would: focus the slider, press End.
+    page.focus("#speed")
+    page.keyboard.press("End")
+    assert page.text_content("#speed-out") == "400 chars/s"
+
+
+def assert_all_played(s: dict[str, Any]) -> None:
+    """Every sample the server announced reached the worklet and was played, no gaps."""
+    announced = sum(t["samples"] for t in s["turnsDone"])
+    assert announced > 0
+    assert s["samplesAnnounced"] == announced
+    assert s["pcmSamplesIn"] == announced  # off the socket
+    assert s["samplesReceived"] == announced  # into the worklet's ring buffer
+    assert s["samplesPlayed"] == s["samplesReceived"]  # out of it, to the speakers
+    assert s["samplesDropped"] == 0
+    assert s["bufferedSamples"] == 0
+    assert s["sampleMismatches"] == 0
+    assert s["segmentsPlayed"] == sum(t["segments"] for t in s["turnsDone"])
+    assert s["underruns"] == 0, s["underrunLog"]
+    assert s["underrunMs"] == 0
+
+
+def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(open_page: Any) -> None:
+    page = open_page()
+    set_max_speed(page)
+    speak(page, PARAGRAPH)
+
+    # While it plays: exactly one sentence is highlighted, and it moves forward.
+    page.wait_for_selector(".seg-speaking", timeout=10_000)
+    seen: list[str] = []
+    while not page.evaluate("voicegw.stats().turnsDone.length"):
+        current = page.eval_on_selector_all(".seg-speaking", "els => els.map(e => e.dataset.seq)")
+        assert len(current) <= 1
+        if current and (not seen or seen[-1] != current[0]):
+            seen.append(current[0])
+        time.sleep(0.05)
+
+    s = wait_turns_played(page, 1)
+    assert_all_played(s)
+    assert s["state"] == "idle"
+    assert s["contextRate"] == 24000 and not s["resampling"]
+
+    done = s["turnsDone"][0]
+    assert done["turn"] == 0 and done["segments"] >= 2
+    entry = page.evaluate("voicegw.entries()")[0]
+    assert entry["status"] == "done"
+    assert [g["state"] for g in entry["segs"]] == ["spoken"] * done["segments"]
+    assert page.locator(".seg-speaking").count() == 0
+
+    # The highlight is driven by playback: in segment order, each one only once its first
+    # sample played, which for later segments is well after their audio arrived.
+    log = s["highlightLog"]
+    assert [h["key"] for h in log] == [f"0:{k}" for k in range(done["segments"])]
+    assert log[-1]["playedAt"] - log[-1]["arrivedAt"] > 100
+    assert seen == sorted(seen, key=int)
+
+    # Playback started once about 100 ms were buffered, and never had to restart.
+    assert len(s["startLog"]) == 1
+    assert s["startLog"][0]["buffered"] >= 2400 and not s["startLog"][0]["afterUnderrun"]
+
+    # Time to first audio is measured and shown.
+    assert 0 < s["ttfaMs"] < 3000
+    assert page.text_content("#stat-ttfa").endswith("ms")
+    assert page.text_content("#stat-underruns") == "0"
+    assert page.text_content("#stat-segments") == str(done["segments"])
+
+
+def _silence_after_interrupt(page: Any) -> float:
+    """Seconds between the interrupt and the last audible output sample."""
+    page.wait_for_function("voicegw.stats().lastFlush !== null")
+    time.sleep(0.15)
+    s = snapshot(page)
+    last_audible = s["lastAudibleTime"]
+    clicked = s["lastInterrupt"]["ctxTime"]
+    # The analyser sits after the worklet: what it sees is what the speakers get.
+    assert page.evaluate("voicegw.outputLevel()") < 1e-4
+    return last_audible - clicked
+
+
+def test_interrupt_silences_within_100ms_and_the_next_turn_plays(open_page: Any) -> None:
+    page = open_page()
+    set_max_speed(page)
+
+    # 1. The Stop button.
+    speak(page, LONG_TEXT)
+    page.wait_for_function("voicegw.stats().samplesPlayed > 24000 * 0.8")
+    before = snapshot(page)
+    assert before["time"] - before["lastAudibleTime"] < 0.05  # it really was sounding
+    page.click("#panel-speak .stop-btn")
+    assert _silence_after_interrupt(page) < 0.100
+    page.wait_for_function("!voicegw.stats().awaitingInterrupted")
+    s = snapshot(page)
+    assert s["interrupts"] == 1 and s["lastInterrupt"]["reason"] == "button"
+    assert s["bufferedSamples"] == 0
+    assert s["samplesDropped"] > 0  # the flushed rest of the ring buffer
+    assert s["samplesPlayed"] + s["samplesDropped"] == s["samplesReceived"]
+    entry = page.evaluate("voicegw.entries()")[-1]
+    assert entry["status"] == "interrupted"
+    assert page.locator(".entry[data-status=interrupted] .seg-cut").count() >= 1
+
+    # 2. Typing while it speaks (barge-in).
+    speak(page, LONG_TEXT)
+    page.wait_for_function(
+        "n => voicegw.stats().samplesPlayed > n + 24000 * 0.5", arg=s["samplesPlayed"]
+    )
+    page.focus("#speak-text")
+    page.keyboard.press("End")
+    page.keyboard.type(" and")
+    assert _silence_after_interrupt(page) < 0.100
+    page.wait_for_function("!voicegw.stats().awaitingInterrupted")
+    cut = snapshot(page)
+    assert cut["interrupts"] == 2 and cut["lastInterrupt"]["reason"] == "typing"
+    assert cut["samplesPlayed"] + cut["samplesDropped"] == cut["samplesReceived"]
+
+    # 3. The next turn plays in full, and none of the interrupted audio reaches it.
+    speak(page, "Back again, and this time I get to finish.")
+    s = wait_turns_played(page, 1)
+    done = s["turnsDone"][-1]
+    assert done["turn"] >= 2  # turns 0 and 1 were interrupted
+    assert s["samplesReceived"] - cut["samplesReceived"] == done["samples"]
+    assert s["samplesPlayed"] - cut["samplesPlayed"] == done["samples"]
+    assert s["samplesDropped"] == cut["samplesDropped"]
+    assert s["bufferedSamples"] == 0
+    assert s["underruns"] == 0
+    assert page.evaluate("voicegw.entries()")[-1]["status"] == "done"
+
+
+def test_chat_streams_text_and_audio(open_page: Any) -> None:
+    page = open_page()
+    page.click("#tab-chat")
+    assert page.is_visible("#chat-text") and not page.is_visible("#speak-text")
+    page.fill("#chat-text", "How does streaming speech work?")
+    page.keyboard.press("Enter")
+
+    # The user's message appears at once; the reply streams in while it is spoken.
+    page.wait_for_selector(".entry-user >> text=How does streaming speech work?")
+    lengths: list[int] = []
+    while not page.evaluate("voicegw.events.some(e => e.type === 'llm.done')"):
+        lengths.append(len(page.text_content(".entry-assistant .entry-body") or ""))
+        time.sleep(0.03)
+
+    s = wait_turns_played(page, 1)
+    assert_all_played(s)
+    events = page.evaluate("voicegw.events")
+    deltas = [e for e in events if e["type"] == "llm.delta"]
+    done = next(e for e in events if e["type"] == "llm.done")
+    assert len(deltas) >= 3
+    assert "".join(d["text"] for d in deltas) == done["text"]
+    # The text grew on the page in steps, not all at once.
+    assert len({n for n in lengths if n > 0}) >= 2
+    # Speech started before the reply was complete.
+    assert s["highlightLog"][0]["playedAt"] < done["t"]
+
+    entry = page.evaluate("voicegw.entries()")[-1]
+    assert entry["role"] == "assistant" and entry["status"] == "done"
+    assert entry["text"] == done["text"]
+    assert all(g["state"] == "spoken" for g in entry["segs"])
+    if "<" in done["text"]:  # emotion tags render as pills, not as raw markup
+        assert page.locator(".entry-assistant .tag").count() >= 1
+        assert "<" not in (page.text_content(".entry-assistant .entry-body") or "")
+
+
+def test_underruns_are_detected_reported_and_rebuffered(open_page: Any) -> None:
+    # Text slower than speech: the second sentence cannot be ready when the first ends.
+    # The worklet must call that an underrun (not the turn's end), time it, rebuffer
+    # ~100 ms before resuming, and still play every sample.
+    page = open_page()
+    page.focus("#speed")
+    page.keyboard.press("Home")
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")
+    assert page.text_content("#speed-out") == "20 chars/s"
+    speak(page, "Hi there. This sentence arrives later.")
+    s = wait_turns_played(page, 1)
+
+    assert s["underruns"] >= 1
+    assert len(s["underrunLog"]) == s["underruns"]
+    assert all(u["ms"] is not None and u["ms"] > 0 for u in s["underrunLog"])
+    assert abs(sum(u["ms"] for u in s["underrunLog"]) - s["underrunMs"]) < 1
+    assert s["underrunMs"] > 200
+    # The first start is the turn's prebuffer, not an underrun; each resume rebuffered.
+    starts = s["startLog"]
+    assert not starts[0]["afterUnderrun"]
+    assert [st["afterUnderrun"] for st in starts[1:]] == [True] * s["underruns"]
+    assert all(st["buffered"] >= 2400 for st in starts[1:])
+    # Nothing lost to the gaps, and the page says so in red.
+    assert s["samplesPlayed"] == s["samplesReceived"] == s["samplesAnnounced"]
+    assert page.text_content("#stat-underruns") == str(s["underruns"])
+    assert "bad" in (page.get_attribute("#stat-underruns", "class") or "")
+
+
+def test_resampling_in_the_worklet_counts_exactly(open_page: Any) -> None:
+    # Force a context rate the gateway does not use: the worklet must resample, statefully,
+    # and still count in 24 kHz source samples.
+    page = open_page("?rate=44100")
+    set_max_speed(page)
+    speak(page, "Resampled audio must not lose a sample. Not one, at any boundary.")
+    s = wait_turns_played(page, 1)
+    assert s["contextRate"] == 44100 and s["sampleRate"] == 44100 and s["resampling"]
+    assert_all_played(s)
+    assert "resampled" in (page.text_content("#stat-audio") or "")
+
+
+def test_access_key_is_asked_for_and_used(open_page: Any, keyed_gateway_url: Any) -> None:
+    url, key = keyed_gateway_url
+    page = open_page(base=url, wait_connected=False)
+    page.wait_for_function("voicegw.stats().connection === 'needs-key'")
+    assert page.is_visible("#key-panel")
+    assert page.text_content("#conn-text") == "Access key needed"
+    page.fill("#token", key)
+    page.click("#key-panel button[type=submit]")
+    page.wait_for_function("voicegw.stats().connection === 'connected'")
+    assert page.is_hidden("#key-panel")
+    assert page.text_content("#conn-text") == "Connected"
+
+
+def test_save_screenshot(open_page: Any, output_dir: Path) -> None:
+    """Writes the page, mid-conversation, as PNGs for a human to look at."""
+    page = open_page()
+    page.select_option("#voice", "leah")
+    page.click("#tab-chat")
+    page.fill("#chat-text", "Can you explain why streaming speech feels so fast?")
+    page.keyboard.press("Enter")
+    page.wait_for_function("voicegw.events.some(e => e.type === 'llm.done')")
+    page.wait_for_selector(".entry-assistant .seg-speaking[data-seq='1']", timeout=15_000)
+    time.sleep(0.3)  # let the level meter fill
+    path = output_dir / "voice-chat.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    time.sleep(0.2)
+    mobile = output_dir / "voice-chat-mobile.png"
+    page.screenshot(path=str(mobile))
+    assert mobile.stat().st_size > 10_000
+    page.click("#panel-chat .stop-btn")
+    page.wait_for_function("!voicegw.stats().busy")
