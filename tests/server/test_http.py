@@ -1,0 +1,103 @@
+"""HTTP API: /v1/audio/speech through the official openai package, and the small endpoints."""
+
+from __future__ import annotations
+
+import struct
+
+import httpx
+import openai
+import pytest
+
+from gateway.errors import UpstreamError
+from tests.server.conftest import make_settings, running_gateway
+from tests.server.fakes import FakeSynth, expected_pcm, fake_services
+
+pytestmark = pytest.mark.anyio
+
+TEXT = "Hello from the gateway. This is a second sentence, spoken in order. Bye."
+
+
+def expected_audio(synth: FakeSynth, texts: list[str]) -> bytes:
+    return b"".join(expected_pcm(t, synth.chunks_for(t), synth.chunk_bytes) for t in texts)
+
+
+SEGMENTS = ["Hello from the gateway.", "This is a second sentence, spoken in order.", "Bye."]
+
+
+async def test_openai_sdk_streams_wav() -> None:
+    synth = FakeSynth()
+    async with running_gateway(fake_services(synth)) as (served, _):
+        client = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key="unused")
+        async with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=TEXT, response_format="wav"
+        ) as resp:
+            assert resp.headers["content-type"] == "audio/wav"
+            body = b"".join([c async for c in resp.iter_bytes()])
+        await client.close()
+    riff, size, wave, fmt = struct.unpack("<4sI4s4s", body[:16])
+    assert (riff, wave, fmt, size) == (b"RIFF", b"WAVE", b"fmt ", 0xFFFFFFFF)
+    _, audio_fmt, channels, rate, _, _, bits = struct.unpack("<IHHIIHH", body[16:36])
+    assert (audio_fmt, channels, rate, bits) == (1, 1, 24000, 16)
+    assert body[36:40] == b"data"
+    assert body[44:] == expected_audio(synth, SEGMENTS)
+
+
+async def test_openai_sdk_pcm_and_long_input_goes_through_the_segmenter() -> None:
+    synth = FakeSynth()
+    long_text = " ".join(f"Sentence number {i} is right here." for i in range(40))
+    async with running_gateway(fake_services(synth)) as (served, _):
+        client = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key="unused")
+        resp = await client.audio.speech.create(
+            model="canopylabs/orpheus-3b-0.1-ft", voice="tara", input=long_text,
+            response_format="pcm",
+        )  # fmt: skip
+        await client.close()
+    assert len(synth.started) > 10  # not one request: the segmenter split it
+    assert resp.content == expected_audio(synth, synth.started)
+
+
+async def test_openai_errors_have_openai_shape() -> None:
+    synth = FakeSynth()
+    synth.fail_texts = {"Doomed.": UpstreamError("vLLM said no", transient=False)}
+    async with running_gateway(fake_services(synth)) as (served, _):
+        client = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key="unused")
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.audio.speech.create(model="tts-1", voice="bob", input="Hi.")
+        assert info.value.code == "bad_voice"
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.audio.speech.create(
+                model="tts-1", voice="tara", input="Hi.", response_format="mp3"
+            )
+        assert "not supported" in info.value.message
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.audio.speech.create(model="tts-1", voice="tara", input="Doomed.")
+        assert info.value.status_code == 502 and info.value.code == "upstream_error"
+        await client.close()
+
+
+async def test_speech_requires_a_key_when_configured() -> None:
+    settings = make_settings(**{"auth.api_keys": ["k1"]})
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, _):
+        bad = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key="wrong")
+        with pytest.raises(openai.AuthenticationError):
+            await bad.audio.speech.create(model="tts-1", voice="tara", input="Hi.")
+        good = openai.AsyncOpenAI(base_url=served.http_url + "/v1", api_key="k1")
+        resp = await good.audio.speech.create(model="tts-1", voice="tara", input="Hi there.")
+        assert resp.content[:4] == b"RIFF"
+        await bad.close()
+        await good.close()
+
+
+async def test_small_endpoints() -> None:
+    async with running_gateway(fake_services(FakeSynth(), ready=False)) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            assert (await http.get("/healthz")).json() == {"status": "ok"}
+            r = await http.get("/readyz")
+            assert r.status_code == 503 and r.json()["ready"] is False
+            v = (await http.get("/v1/voices")).json()
+            assert v == {"voices": ["tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe"],
+                         "default": "tara"}  # fmt: skip
+            m = (await http.get("/metrics")).text
+            for name in ("voicegw_sessions_active", "voicegw_time_to_first_audio_seconds",
+                         "voicegw_segments_total", "voicegw_decode_batch_size"):  # fmt: skip
+                assert name in m
