@@ -39,6 +39,7 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
     demo = settings.gateway.demo
     vllm = settings.vllm
     llm = settings.gateway.llm
+    simulated_chat = False
     async with contextlib.AsyncExitStack() as stack:
         upstream_desc = ", ".join(e.base_url for e in vllm.endpoint_list)
         if demo:
@@ -49,7 +50,9 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
             ep = Endpoint(host=fake.host, port=fake.port)
             vllm = dataclasses.replace(vllm, host=ep.host, port=ep.port, endpoints=(ep,))
             if not llm.base_url:
-                llm = dataclasses.replace(llm, base_url=fake.base_url + "/v1", model="fake-chat")
+                # The fake serves chat under the same model name, as vLLM would.
+                llm = dataclasses.replace(llm, base_url=fake.base_url + "/v1", model=vllm.tts_model)
+                simulated_chat = True
             upstream_desc = f"SIMULATED fake vLLM at {fake.base_url} (no GPU, no Orpheus)"
         # Loading and warm-up happen once, here, off the event loop; a model that cannot
         # be loaded stops the start with its cause (demo mode falls back to random).
@@ -83,7 +86,7 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
                 f"TTS upstream: {upstream_desc}",
                 f"SNAC decoder: {model.description}",
                 f"chat LLM: {llm.base_url or 'not configured'}"
-                + (" (SIMULATED)" if demo and llm.model == "fake-chat" else ""),
+                + (" (SIMULATED: the fake vLLM's chat API)" if simulated_chat else ""),
             ]
         )
         yield Services(synth=Pipeline(pool, worker), chat=chat, readiness=readiness)

@@ -8,8 +8,9 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from gateway.config import Settings
+from gateway.config import LLMSettings, Settings
 from gateway.errors import GatewayError, UpstreamError
+from gateway.llm import ChatLLM
 from gateway.server.app import Services, ServicesFactory
 from gateway.server.engine import SegmentJob, SegmentSink
 from gateway.server.metrics import Metrics
@@ -62,13 +63,25 @@ class FakeSynth:
             self.active -= 1
 
 
-def fake_services(synth: FakeSynth, *, ready: bool = True) -> ServicesFactory:
+def fake_services(
+    synth: FakeSynth, *, ready: bool = True, chat_url: str | None = None
+) -> ServicesFactory:
+    """Services with a fake synthesizer; ``chat_url`` points the chat LLM at a server
+    (the fake vLLM's ``/v1``)."""
+
     @contextlib.asynccontextmanager
     async def factory(settings: Settings, metrics: Metrics) -> AsyncIterator[Services]:
         async def readiness() -> dict[str, object]:
             return {"ready": ready, "decoder": "fake", "upstreams": 1 if ready else 0}
 
-        yield Services(synth=synth, readiness=readiness)
+        chat = None
+        if chat_url is not None:
+            chat = ChatLLM(LLMSettings(base_url=chat_url, model="canopylabs/orpheus-3b-0.1-ft"))
+        try:
+            yield Services(synth=synth, chat=chat, readiness=readiness)
+        finally:
+            if chat is not None:
+                await chat.aclose()
 
     return factory
 
