@@ -153,12 +153,13 @@ function onServerEvent(msg) {
       break;
     }
     case "turn.done": {
-      counters.turnsDone.push(msg);
-      const e = entryForTurn(msg.turn) || entriesByTurn.get(msg.turn);
+      remember(counters.turnsDone, msg);
+      const e = entryForTurn(msg.turn);
+      if (!e) break;
       player.endTurn(msg.turn);
       // With audio, the entry is done when the worklet plays past the turn's end
       // ("turnend"); without any (an empty turn, failed segments) it is done now.
-      if (e && !e.hasAudio && ["pending", "streaming"].includes(e.status)) e.setStatus("done");
+      if (!e.hasAudio && ["pending", "streaming"].includes(e.status)) e.setStatus("done");
       break;
     }
     case "llm.delta": {
@@ -232,12 +233,18 @@ function onConnectionLost() {
 
 // ---- worklet events ---------------------------------------------------------------
 
+// Long sessions: keep the diagnostic logs bounded.
+function remember(list, item, max = 2000) {
+  list.push(item);
+  if (list.length > max) list.splice(0, list.length - max);
+}
+
 function onPlayerEvent(m) {
   switch (m.type) {
     case "segstart": {
       const [turn, seq] = m.key.split(":").map(Number);
       const e = entriesByTurn.get(turn);
-      counters.highlightLog.push({
+      remember(counters.highlightLog, {
         key: m.key,
         arrivedAt: arrivals.get(m.key) ?? null,
         playedAt: performance.now(),
@@ -248,7 +255,7 @@ function onPlayerEvent(m) {
         e.ttfaMs = performance.now() - e.sentAt;
         counters.ttfaMs = e.ttfaMs;
       }
-      if (e.status !== "interrupted") e.status = "speaking";
+      if (e.status === "pending" || e.status === "streaming") e.status = "speaking";
       e.setSegState(seq, "speaking");
       break;
     }
@@ -264,7 +271,7 @@ function onPlayerEvent(m) {
       break;
     }
     case "underrun":
-      counters.underrunLog.push({ at: performance.now(), time: m.time, ms: null });
+      remember(counters.underrunLog, { at: performance.now(), time: m.time, ms: null });
       break;
     case "underrunend": {
       const last = counters.underrunLog.at(-1);
@@ -272,7 +279,7 @@ function onPlayerEvent(m) {
       break;
     }
     case "start":
-      counters.startLog.push({ buffered: m.buffered, afterUnderrun: m.afterUnderrun });
+      remember(counters.startLog, { buffered: m.buffered, afterUnderrun: m.afterUnderrun });
       break;
     case "flushed":
       counters.lastFlush = { dropped: m.dropped, time: m.time, at: performance.now() };

@@ -106,7 +106,8 @@ export class Entry {
 
   setSegState(seq, state) {
     const s = this.segs.get(seq);
-    if (!s || s.state === state) return;
+    // Late worklet events (posted just before an interrupt) must not revive a cut entry.
+    if (!s || s.state === state || this.status === "interrupted" || this.status === "error") return;
     s.state = state;
     this.render();
   }

@@ -37,7 +37,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
 
     // Ring buffer of float samples. Positions are absolute sample counts (JS numbers are
     // exact to 2^53, i.e. thousands of years of audio); index = pos & mask.
-    this.ring = new Float32Array(1 << 20); // ~44 s at 24 kHz; grows if a fast server outruns us
+    // ~44 s at 24 kHz by default; grows if a fast server outruns playback. Tests pass a
+    // tiny power of two to exercise wrap-around and growth.
+    this.ring = new Float32Array(opts.capacity || 1 << 20);
     this.mask = this.ring.length - 1;
     this.written = 0; // samples received (pushed into the ring)
     this.read = 0; // samples taken out of the ring: played + dropped
@@ -244,7 +246,8 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
             this.state = "idle";
           }
           const v = this.hold;
-          this.hold *= this.holdDecay;
+          // Flushed to exactly 0 once inaudible, before it can become a slow denormal.
+          this.hold = v > 1e-7 || v < -1e-7 ? v * this.holdDecay : 0;
           out[i] = v;
           const a = v < 0 ? -v : v;
           if (a > peak) peak = a;

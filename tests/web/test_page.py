@@ -9,6 +9,7 @@ protocol events the page received.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,121 @@ LONG_TEXT = (
     "which gives the test time to interrupt it in the middle of a word. "
     "And this one would follow it, if it were ever allowed to play."
 )
+
+# Renders the worklet in an OfflineAudioContext (faster than real time, deterministic):
+# a 2 s sweep is pushed in frames of odd byte lengths (samples straddle frames), into a
+# ring deliberately small (4096) so that it wraps and grows twice while holding audio,
+# with more PCM arriving mid-playback. Returns the largest deviation of the output from
+# the ideal: the input itself at 24 kHz, its linear interpolation at other rates.
+OFFLINE_RENDER = """async ({rate, capacity}) => {
+  const SRC = 24000, N = 48000;
+  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: rate * 2.5, sampleRate: rate});
+  await ctx.audioWorklet.addModule('/worklet.js');
+  const node = new AudioWorkletNode(ctx, 'pcm-player', {
+    numberOfInputs: 0, outputChannelCount: [1], processorOptions: {capacity}});
+  node.connect(ctx.destination);
+  const events = [], waiters = new Map();
+  let nextId = 1, last = null;
+  node.port.onmessage = ({data: m}) => {
+    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
+    else if (m.type === 'stats') last = m.stats;
+    else events.push(m.type);
+  };
+  const sync = () => new Promise(r => {
+    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
+  });
+  const x = new Int16Array(N);
+  for (let i = 0; i < N; i++) {
+    const t = i / SRC;
+    x[i] = Math.round(12000 * Math.sin(2 * Math.PI * (200 * t + 400 * t * t)));
+  }
+  const bytes = new Uint8Array(x.buffer);
+  let pos = 0, k = 0;
+  const push = (upto) => {
+    while (pos < upto * 2) {
+      const len = Math.min(upto * 2 - pos, 777 + (k++ % 5) * 222);
+      const b = bytes.slice(pos, pos + len).buffer;
+      node.port.postMessage({type: 'pcm', buf: b}, [b]);
+      pos += len;
+    }
+  };
+  push(12000);
+  await sync();
+  ctx.suspend(0.25).then(async () => { push(22000); await sync(); ctx.resume(); });
+  ctx.suspend(0.375).then(async () => {
+    push(N); node.port.postMessage({type: 'end', turn: 0}); await sync(); ctx.resume();
+  });
+  const out = (await ctx.startRendering()).getChannelData(0);
+  await new Promise(r => setTimeout(r, 100));  // the last stats message
+  const step = SRC / rate, fadeIn = Math.ceil(0.002 * rate) + 1;
+  let maxErr = 0, fadeOk = true, tail = 0;
+  for (let i = 0; i < out.length; i++) {
+    const t = i * step, j = Math.floor(t), f = t - j;
+    if (j >= N) {  // after the turn: the last value decays (no click), then silence
+      if (t > N + 0.03 * SRC) tail = Math.max(tail, Math.abs(out[i]));
+      continue;
+    }
+    const a = x[j] / 32768, b = (j + 1 < N ? x[j + 1] : x[j]) / 32768;
+    const want = a + (b - a) * f;
+    if (i < fadeIn) fadeOk &&= Math.abs(out[i]) <= Math.abs(want) + 1e-7;
+    else maxErr = Math.max(maxErr, Math.abs(out[i] - want));
+  }
+  return {maxErr, fadeOk, tail, stats: last, events};
+}"""
+
+# An interrupt at exactly 0.4 s, with the next turn's PCM arriving right behind it (as it
+# can on a fast link): the old audio must fade out, the rest of it be flushed, and the new
+# turn play bit-exact. Returns where the fade ended and the gain curve of the fade.
+OFFLINE_INTERRUPT = """async () => {
+  const R = 24000;
+  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R, sampleRate: R});
+  await ctx.audioWorklet.addModule('/worklet.js');
+  const node = new AudioWorkletNode(ctx, 'pcm-player', {
+    numberOfInputs: 0, outputChannelCount: [1]});
+  node.connect(ctx.destination);
+  const waiters = new Map(), events = [];
+  let nextId = 1, last = null;
+  node.port.onmessage = ({data: m}) => {
+    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
+    else if (m.type === 'stats') last = m.stats;
+    else events.push(m);
+  };
+  const sync = () => new Promise(r => {
+    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
+  });
+  const tone = (n, f) => {
+    const x = new Int16Array(n);
+    for (let i = 0; i < n; i++) x[i] = Math.round(12000 * Math.sin(2 * Math.PI * f * i / R));
+    return x;
+  };
+  const old = tone(24000, 300), next = tone(4800, 510);
+  node.port.postMessage({type: 'pcm', buf: old.slice().buffer});
+  await sync();
+  const cut = 0.4 * R;
+  ctx.suspend(0.4).then(async () => {
+    node.port.postMessage({type: 'interrupt'});
+    node.port.postMessage({type: 'pcm', buf: next.slice().buffer});
+    node.port.postMessage({type: 'end', turn: 1});
+    await sync();
+    ctx.resume();
+  });
+  const out = (await ctx.startRendering()).getChannelData(0);
+  await new Promise(r => setTimeout(r, 100));
+  let start = -1;  // where the next turn begins: bit-exact after its 2 ms fade-in
+  for (let o = cut; o < cut + 1000 && start < 0; o++) {
+    let ok = true;
+    for (let k = 60; k < next.length && ok; k++) ok = out[o + k] === next[k] / 32768;
+    if (ok) start = o;
+  }
+  const gains = [];
+  for (let i = cut; i < (start < 0 ? cut + 400 : start); i++) {
+    if (Math.abs(old[i]) > 2000) gains.push(out[i] / (old[i] / 32768));
+  }
+  let beforeExact = true;
+  for (let i = 100; i < cut; i++) beforeExact &&= out[i] === old[i] / 32768;
+  return {cut, start, gains, beforeExact, stats: last,
+          flushed: events.filter(e => e.type === 'flushed').map(e => e.dropped)};
+}"""
 
 IDLE = """n => {
   const s = voicegw.stats();
@@ -239,6 +355,42 @@ def test_underruns_are_detected_reported_and_rebuffered(open_page: Any) -> None:
     assert s["samplesPlayed"] == s["samplesReceived"] == s["samplesAnnounced"]
     assert page.text_content("#stat-underruns") == str(s["underruns"])
     assert "bad" in (page.get_attribute("#stat-underruns", "class") or "")
+
+
+@pytest.mark.parametrize("rate", [24000, 44100, 48000])
+def test_worklet_output_is_sample_exact_across_frames_wraps_and_growth(
+    open_page: Any, rate: int
+) -> None:
+    page = open_page(wait_connected=False)
+    r = page.evaluate(OFFLINE_RENDER, {"rate": rate, "capacity": 4096})
+    if rate == 24000:
+        assert r["maxErr"] == 0  # bit-exact: the worklet is a pure pass-through
+    else:
+        assert r["maxErr"] < 1e-6  # exactly the stateful linear interpolation
+    assert r["fadeOk"]  # the 2 ms fade-in only ever attenuates
+    assert r["tail"] < 1e-5  # 30 ms after the turn: silence
+    s = r["stats"]
+    assert s["samplesReceived"] == s["samplesPlayed"] == 48000
+    assert s["underruns"] == 0 and s["state"] == "idle"
+    assert r["events"][:1] == ["start"] and "turnend" in r["events"]
+
+
+def test_worklet_interrupt_fades_in_8ms_flushes_and_keeps_the_next_turn(open_page: Any) -> None:
+    page = open_page(wait_connected=False)
+    r = page.evaluate(OFFLINE_INTERRUPT)
+    assert r["beforeExact"]
+    assert r["start"] > 0, "the next turn did not play bit-exact"
+    fade_ms = (r["start"] - r["cut"]) / 24
+    assert 6 <= fade_ms <= 10.5  # ~8 ms: quick, but not a click
+    gains = r["gains"]
+    assert gains[0] <= 1 and gains[-1] < 0.1
+    assert all(b <= a + 1e-6 for a, b in itertools.pairwise(gains))  # monotone
+    s = r["stats"]
+    assert r["flushed"] == [24000 - (r["cut"] + round(fade_ms * 24))]
+    assert s["samplesDropped"] == r["flushed"][0]
+    assert s["samplesReceived"] == 24000 + 4800
+    assert s["samplesPlayed"] + s["samplesDropped"] == s["samplesReceived"]
+    assert s["underruns"] == 0 and s["state"] == "idle"
 
 
 def test_resampling_in_the_worklet_counts_exactly(open_page: Any) -> None:
