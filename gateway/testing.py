@@ -29,6 +29,11 @@ class RunningFake:
     port: int
     fake: FakeVLLM
     """The server's state: faults, stats. Same process, so tests may use it directly."""
+    server: uvicorn.Server
+
+    def open_connections(self) -> int:
+        """TCP connections the server holds open now (for leak checks)."""
+        return len(self.server.server_state.connections)
 
 
 def _bind() -> socket.socket:
@@ -85,7 +90,7 @@ async def run_fake_vllm(
     task = asyncio.create_task(server.serve(sockets=[sock]), name="fake-vllm server")
     try:
         await _until_started(server, task)
-        yield RunningFake(f"http://127.0.0.1:{port}", "127.0.0.1", port, fake)
+        yield RunningFake(f"http://127.0.0.1:{port}", "127.0.0.1", port, fake, server)
     finally:
         # Abort open streams first: uvicorn would otherwise wait for them to finish.
         await fake.aclose()
@@ -130,7 +135,7 @@ class FakeVLLMThread:
         if self._error is not None or not server.started:
             self.__exit__(None, None, None)
             raise RuntimeError("fake vLLM failed to start") from self._error
-        self.running = RunningFake(f"http://127.0.0.1:{port}", "127.0.0.1", port, fake)
+        self.running = RunningFake(f"http://127.0.0.1:{port}", "127.0.0.1", port, fake, server)
         return self.running
 
     async def _serve(self, server: uvicorn.Server, sock: socket.socket) -> None:

@@ -644,7 +644,7 @@ async def test_live_retries_after_503_and_a_dropped_stream() -> None:
 
 
 async def test_live_stall_times_out_and_the_retry_succeeds() -> None:
-    s_kw = {"timeout": TimeoutSettings(idle=150, first_token=2000)}
+    s_kw = {"timeout": TimeoutSettings(idle=300, first_token=3000)}
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake, **s_kw)) as pool:
         fake.fake.push_fault(Fault("stall", after_tokens=21, seconds=60))
         frames, events = await collect(syn := pool.synthesize(req()))
@@ -657,7 +657,7 @@ async def test_live_stall_times_out_and_the_retry_succeeds() -> None:
 
 
 async def test_live_slow_first_token_times_out_and_the_retry_succeeds() -> None:
-    s_kw = {"timeout": TimeoutSettings(first_token=150)}
+    s_kw = {"timeout": TimeoutSettings(first_token=300)}
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake, **s_kw)) as pool:
         fake.fake.push_fault(Fault("slow_first_token", seconds=5))
         t0 = time.perf_counter()
@@ -741,8 +741,11 @@ async def test_live_cancellation_reaches_the_fake_and_leaks_nothing() -> None:
                 async for _ in syn:
                     started.set()
 
+        tasks_before = len(asyncio.all_tasks())
+        idle_before = fake.open_connections()  # the start-up probe's keep-alive, if any
         tasks = [asyncio.create_task(speak(i)) for i in range(3)]
         await started.wait()
+        assert fake.open_connections() == 3
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -750,6 +753,9 @@ async def test_live_cancellation_reaches_the_fake_and_leaks_nothing() -> None:
         assert snap.in_flight == 0 and snap.waiting == 0 and snap.cancelled == 3
         await until(lambda: fake.fake.stats().cancelled == 3)
         assert fake.fake.stats().active == 0
+        # The interrupted connections are gone (not parked in the pool), no task is left.
+        await until(lambda: fake.open_connections() <= idle_before)
+        assert len(asyncio.all_tasks()) == tasks_before
         # Connections are reusable afterwards.
         frames, _ = await collect(pool.synthesize(req(9, text="Hi.")))
         assert frames == expected_frames("tara", "Hi.")
@@ -765,7 +771,7 @@ async def test_live_bad_tokens_drop_frames_but_the_segment_plays() -> None:
         assert len(frames) == len(expected_frames("tara", TEXT)) - 2
 
 
-async def test_live_error_event_mid_stream() -> None:
+async def test_live_error_event_mid_stream_and_http_500() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         fake.fake.push_fault(Fault("stream_error", after_tokens=7, status=500))
         with pytest.raises(UpstreamError) as exc:
@@ -774,6 +780,12 @@ async def test_live_error_event_mid_stream() -> None:
         fake.fake.push_fault(Fault("stream_error", after_tokens=7, status=503))
         frames, _ = await collect(pool.synthesize(req(1)))
         assert frames == expected_frames("tara", TEXT)
+        # An HTTP 500 is permanent too: passed on, not retried.
+        before = fake.fake.stats().completions
+        fake.fake.push_fault(Fault("http_error", status=500, message="engine is dead"))
+        with pytest.raises(UpstreamError, match="engine is dead") as exc:
+            await collect(pool.synthesize(req(2)))
+        assert not exc.value.transient and fake.fake.stats().completions == before + 1
 
 
 async def test_live_api_key_from_env() -> None:
