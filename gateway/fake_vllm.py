@@ -407,7 +407,7 @@ class FakeVLLM:
         ):
             self._c["rejected"] += 1
             return _error(
-                400, "max_tokens must be at least 1, got {max_tokens}.", "BadRequestError"
+                400, f"max_tokens must be at least 1, got {max_tokens}.", "BadRequestError"
             )
         o = self.options
         n_prompt = count_prompt_tokens(prompt)

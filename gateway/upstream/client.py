@@ -215,6 +215,24 @@ def fit_max_tokens(info: ContextInfo) -> int | None:
     return room if room >= 1 else None
 
 
+class UpstreamHTTPError(UpstreamError):
+    """vLLM answered with an error status (or an error event carrying one)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode,
+        transient: bool,
+        status: int | None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, transient=transient)
+        self.status = status
+        self.retry_after = retry_after
+        """Seconds from a ``Retry-After`` header; the backoff waits at least this long."""
+
+
 class ContextTooLong(ContextLengthError):
     """A context-length 400 with what it said, so the pool can fit ``max_tokens`` once."""
 
@@ -223,50 +241,42 @@ class ContextTooLong(ContextLengthError):
         self.info = info
 
 
-def status_error(status: int, payload: Any, raw: bytes, retry_after: float | None) -> UpstreamError:
-    """The error for a non-200 answer to a completion request."""
-    text = raw[:300].decode("utf-8", "replace").strip()
-    msg = error_message(payload, text or f"HTTP {status}")
-    if status in TRANSIENT_STATUSES:
-        err = UpstreamError(
-            f"vLLM answered {status}: {msg}", code=ErrorCode.UPSTREAM_UNAVAILABLE, transient=True
-        )
-    elif status == 400 and "maximum context length" in msg:
-        err = ContextTooLong(
-            f"segment does not fit the model's context: {msg}", parse_context_error(msg)
-        )
-    elif 400 <= status < 500:
-        err = UpstreamError(
-            f"vLLM rejected the request ({status}): {msg}",
-            code=ErrorCode.UPSTREAM_REJECTED,
-            transient=False,
-        )
-    else:
-        err = UpstreamError(
-            f"vLLM failed ({status}): {msg}", code=ErrorCode.UPSTREAM_ERROR, transient=False
-        )
-    err.status = status  # type: ignore[attr-defined]
-    err.retry_after = retry_after  # type: ignore[attr-defined]
-    return err
-
-
-def stream_error(payload: Any) -> UpstreamError:
-    """The error for an error event inside a 200 stream (vLLM's generation failed)."""
-    msg = error_message(payload, "error event in the stream")
-    code = _error_code(payload)
-    if code in TRANSIENT_STATUSES:
-        return UpstreamError(
-            f"vLLM stream error ({code}): {msg}",
-            code=ErrorCode.UPSTREAM_UNAVAILABLE,
-            transient=True,
-        )
-    if code == 400 and "maximum context length" in msg:
+def _classify(
+    status: int | None, msg: str, what: str, retry_after: float | None = None
+) -> UpstreamError:
+    if status == 400 and "maximum context length" in msg:
         return ContextTooLong(
             f"segment does not fit the model's context: {msg}", parse_context_error(msg)
         )
-    return UpstreamError(
-        f"vLLM stream error ({code}): {msg}", code=ErrorCode.UPSTREAM_ERROR, transient=False
+    if status in TRANSIENT_STATUSES:
+        code, transient = ErrorCode.UPSTREAM_UNAVAILABLE, True
+    elif status is not None and 400 <= status < 500:
+        code, transient = ErrorCode.UPSTREAM_REJECTED, False
+    else:
+        code, transient = ErrorCode.UPSTREAM_ERROR, False
+    return UpstreamHTTPError(
+        f"{what} ({status}): {msg}",
+        code=code,
+        transient=transient,
+        status=status,
+        retry_after=retry_after,
     )
+
+
+def status_error(status: int, payload: Any, raw: bytes, retry_after: float | None) -> UpstreamError:
+    """The error for a non-200 answer to a request."""
+    text = raw[:300].decode("utf-8", "replace").strip()
+    msg = error_message(payload, text or f"HTTP {status}")
+    return _classify(status, msg, "vLLM answered an error", retry_after)
+
+
+def stream_error(payload: Any) -> UpstreamError:
+    """The error for an error event inside a 200 stream (vLLM's generation failed).
+
+    Its ``code`` is classified like an HTTP status; without one it is permanent.
+    """
+    msg = error_message(payload, "error event in the stream")
+    return _classify(_error_code(payload), msg, "vLLM sent an error event")
 
 
 def dropped(msg: str) -> UpstreamError:
@@ -279,8 +289,9 @@ def counts_against_endpoint(err: UpstreamError) -> bool:
     A request the server rejects (4xx, context length) says nothing about the server; a
     429 says it is busy, not broken, and ejecting a busy replica only moves the load.
     """
-    status = getattr(err, "status", None)
-    if status is not None and 400 <= status < 500:
+    if isinstance(err, ContextLengthError):
+        return False
+    if isinstance(err, UpstreamHTTPError) and err.status is not None and 400 <= err.status < 500:
         return False
     return err.code in (
         ErrorCode.UPSTREAM_UNAVAILABLE,

@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,6 +59,7 @@ from gateway.upstream.client import (
     ContextTooLong,
     TtsRequest,
     UpstreamClient,
+    UpstreamHTTPError,
     backoff_delay,
     build_body,
     counts_against_endpoint,
@@ -482,7 +483,7 @@ class Synthesis:
         self.request = req
         self._may_restart = may_restart
         self._audio_sent = False
-        self._gen: AsyncIterator[SynthEvent] | None = None
+        self._gen: AsyncGenerator[SynthEvent, None] | None = None
         self._attempt = 0
         self.result: RequestStats | None = None
         """The figures, set once the segment has finished (any outcome)."""
@@ -511,7 +512,7 @@ class Synthesis:
     async def aclose(self) -> None:
         gen = self._gen
         if gen is not None:
-            await gen.aclose()  # type: ignore[attr-defined]
+            await gen.aclose()
 
     async def __aenter__(self) -> Synthesis:
         return self
@@ -526,7 +527,7 @@ class Synthesis:
             return bool(self._may_restart())
         return True
 
-    async def _run(self) -> AsyncIterator[SynthEvent]:
+    async def _run(self) -> AsyncGenerator[SynthEvent, None]:
         # One generator holds the whole segment, so that aclose() reaches every
         # ``finally`` below: the HTTP stream, the slot, the figures.
         pool = self._pool
@@ -634,7 +635,9 @@ class Synthesis:
                 if not self._can_restart(frames_out):
                     raise failure
                 delay = backoff_delay(s.retry, retries + 1, pool._rng)
-                retry_after = getattr(failure, "retry_after", None)
+                retry_after = (
+                    failure.retry_after if isinstance(failure, UpstreamHTTPError) else None
+                )
                 if retry_after is not None:
                     delay = max(delay, min(retry_after, s.retry.max_wait_ms / 1000))
                 if loop.time() + delay >= total_deadline:

@@ -20,6 +20,7 @@ from gateway.upstream.client import (
     ContextTooLong,
     TtsRequest,
     UpstreamClient,
+    UpstreamHTTPError,
     auth_headers,
     backoff_delay,
     build_body,
@@ -372,7 +373,7 @@ async def test_http_error_body_message_and_retry_after() -> None:
     finally:
         await client.aclose()
     assert exc.value.transient and "warming up" in exc.value.message
-    assert exc.value.retry_after == 2.0  # type: ignore[attr-defined]
+    assert isinstance(exc.value, UpstreamHTTPError) and exc.value.retry_after == 2.0
 
 
 async def test_connect_error_is_transient_unavailable() -> None:
