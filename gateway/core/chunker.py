@@ -1,0 +1,260 @@
+"""Chunk planning for streaming SNAC decode: which frames to decode, and which samples to keep.
+
+SNAC's 24 kHz decoder is a stack of non-causal convolutions, so the samples of a frame
+depend on a few frames before *and after* it (its receptive field, measured in
+``gateway.decoder.snac_model``: about ±2.3 frames). Decoding a span of frames on its own
+therefore gets its edges wrong. The chunker plans *windows*: the frames a chunk emits
+plus ``context_frames`` frames of context on each side, so that the kept samples equal
+the whole-utterance decode of the same codes. At the true start and end of a segment the
+window simply stops there, because the whole-utterance decode sees the same boundary.
+
+Chunk sizes ramp up: the first chunk is small (``first_chunk_frames``) so that the first
+audio is early, then sizes double up to ``chunk_frames``, which keeps the context overhead
+low (at 8 frames a chunk, 6 context frames per 8 kept). Doubling rather than jumping
+straight to ``chunk_frames`` keeps the second and third chunks early too, so playback
+does not stall right after the first chunk while the model generates more codes.
+
+Every frame is emitted exactly once: the kept ranges of a segment's chunks tile
+``[0, F * 2048)`` in order, for F complete frames, however the frames arrive.
+
+This module is a Sans-I/O core: pure, synchronous, no torch and no numpy.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import DecoderError
+from gateway.vocab import CODES_PER_FRAME, SAMPLES_PER_FRAME, Frame
+
+CODE_LIMIT = 4096
+"""Codes are indices into 4096-entry codebooks."""
+
+# Frames are dropped from the chunker's buffer in blocks, not one by one, so that the
+# list is not shifted on every chunk.
+_TRIM_BLOCK = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPolicy:
+    """How a segment is cut into decode windows. Mirrors ``DecoderSettings``."""
+
+    context_frames: int = 3
+    """Left and right context frames around each chunk; 3 covers SNAC's receptive field."""
+    first_chunk_frames: int = 2
+    """Frames in a segment's first chunk."""
+    chunk_frames: int = 8
+    """Frames in later chunks (reached by doubling from ``first_chunk_frames``)."""
+    first_chunk_right_context: int = -1
+    """Right context of the first chunk only; -1 means ``context_frames``. Less is earlier
+    first audio at a small cost in accuracy at the end of the first chunk."""
+
+    def __post_init__(self) -> None:
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+        if self.first_chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames must be >= 1, got {self.first_chunk_frames}")
+        if self.chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if self.first_chunk_right_context < -1:
+            raise ValueError(
+                f"first_chunk_right_context must be >= -1, got {self.first_chunk_right_context}"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ChunkPolicy:
+        """Build from ``gateway.config.DecoderSettings`` (duck-typed to keep this core pure)."""
+        return cls(
+            context_frames=settings.context_frames,
+            first_chunk_frames=settings.first_chunk_frames,
+            chunk_frames=settings.chunk_frames,
+            first_chunk_right_context=settings.first_chunk_right_context,
+        )
+
+    def size(self, index: int) -> int:
+        """Frames kept by chunk ``index``: the first size, then doubling up to ``chunk_frames``."""
+        if index == 0:
+            return self.first_chunk_frames
+        if self.first_chunk_frames >= self.chunk_frames:
+            return self.chunk_frames
+        # Doubling from the first size; the shift is capped so huge indices stay cheap.
+        return min(self.chunk_frames, self.first_chunk_frames << min(index, 16))
+
+    def right_context(self, index: int) -> int:
+        """Right context frames required before chunk ``index`` may be decoded."""
+        if index == 0 and self.first_chunk_right_context >= 0:
+            return self.first_chunk_right_context
+        return self.context_frames
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """One decode job: decode ``frames`` (segment frames ``window_start..window_end``) and
+    keep the samples of frames ``start..end``.
+
+    All frame indices count from the segment's first frame. ``frames`` holds the codes of
+    the whole window, so a plan is self-contained and can be decoded anywhere.
+    """
+
+    index: int
+    start: int
+    end: int
+    window_start: int
+    window_end: int
+    frames: tuple[Frame, ...]
+
+    @property
+    def left_context(self) -> int:
+        return self.start - self.window_start
+
+    @property
+    def right_context(self) -> int:
+        return self.window_end - self.end
+
+    @property
+    def window_frames(self) -> int:
+        return self.window_end - self.window_start
+
+    @property
+    def keep_start(self) -> int:
+        """First kept sample, counted from the start of the decoded window."""
+        return (self.start - self.window_start) * SAMPLES_PER_FRAME
+
+    @property
+    def keep_end(self) -> int:
+        """One past the last kept sample, counted from the start of the decoded window."""
+        return (self.end - self.window_start) * SAMPLES_PER_FRAME
+
+    @property
+    def sample_offset(self) -> int:
+        """Where the kept samples start within the segment's audio."""
+        return self.start * SAMPLES_PER_FRAME
+
+    @property
+    def samples(self) -> int:
+        return (self.end - self.start) * SAMPLES_PER_FRAME
+
+
+def check_frame(frame: Iterable[Any]) -> Frame:
+    """Return ``frame`` as a 7-tuple of ints in 0..4095, or raise :class:`DecoderError`.
+
+    Checked here, at the edge, because an out-of-range code would otherwise surface deep
+    inside torch (an IndexError on CPU, a device-side assert that poisons the CUDA context
+    on GPU) and fail every stream in a batch rather than the one that sent it.
+    """
+    try:
+        codes = tuple(operator.index(c) for c in frame)
+    except TypeError as exc:
+        raise DecoderError(f"a frame must hold integer codes, got {frame!r}") from exc
+    if len(codes) != CODES_PER_FRAME:
+        raise DecoderError(f"a frame holds {CODES_PER_FRAME} codes, got {len(codes)}")
+    if min(codes) < 0 or max(codes) >= CODE_LIMIT:
+        raise DecoderError(f"codes must be in 0..{CODE_LIMIT - 1}, got {codes!r}")
+    return codes  # type: ignore[return-value]
+
+
+class Chunker:
+    """Plans the decode windows of one segment as its frames arrive.
+
+    ``feed`` takes newly arrived frames and returns the chunks that became ready: a chunk
+    is ready once its right context has arrived. ``flush`` ends the segment and returns
+    the remainder as a last chunk, whose window stops at the segment's true end.
+    """
+
+    def __init__(self, policy: ChunkPolicy | None = None) -> None:
+        self.policy = policy if policy is not None else ChunkPolicy()
+        self._frames: list[Frame] = []
+        self._base = 0  # segment index of self._frames[0]
+        self._received = 0
+        self._next = 0  # first frame not yet planned
+        self._chunks = 0
+        self._ended = False
+
+    @property
+    def received(self) -> int:
+        """Frames fed so far."""
+        return self._received
+
+    @property
+    def planned_frames(self) -> int:
+        """Frames whose samples are already covered by a planned chunk."""
+        return self._next
+
+    @property
+    def chunks(self) -> int:
+        """Chunks planned so far; after :meth:`flush` this is the segment's total."""
+        return self._chunks
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    @property
+    def frames_needed(self) -> int:
+        """More frames needed before the next chunk is ready (0 once ended)."""
+        if self._ended:
+            return 0
+        k = self._chunks
+        ready_at = self._next + self.policy.size(k) + self.policy.right_context(k)
+        return max(0, ready_at - self._received)
+
+    def feed(self, frames: Iterable[Iterable[Any]]) -> list[ChunkPlan]:
+        """Add frames (in order) and return the chunks that are now ready, in order."""
+        if self._ended:
+            raise DecoderError("frames fed after the segment ended")
+        for f in frames:
+            self._frames.append(check_frame(f))
+            self._received += 1
+        out: list[ChunkPlan] = []
+        while True:
+            k = self._chunks
+            end = self._next + self.policy.size(k)
+            window_end = end + self.policy.right_context(k)
+            if window_end > self._received:
+                break
+            out.append(self._plan(end, window_end))
+        self._trim()
+        return out
+
+    def flush(self) -> list[ChunkPlan]:
+        """End the segment: plan what remains as one last chunk. Later calls return ``[]``.
+
+        One chunk is enough: ``feed`` leaves fewer than one chunk plus its right context
+        unplanned, so the remainder is at most ``chunk_frames + context_frames - 1`` frames.
+        """
+        if self._ended:
+            return []
+        self._ended = True
+        if self._next >= self._received:
+            return []
+        plan = self._plan(self._received, self._received)
+        self._frames = []
+        return [plan]
+
+    def _plan(self, end: int, window_end: int) -> ChunkPlan:
+        start = self._next
+        window_start = max(0, start - self.policy.context_frames)
+        lo = window_start - self._base
+        hi = window_end - self._base
+        plan = ChunkPlan(
+            index=self._chunks,
+            start=start,
+            end=end,
+            window_start=window_start,
+            window_end=window_end,
+            frames=tuple(self._frames[lo:hi]),
+        )
+        self._next = end
+        self._chunks += 1
+        return plan
+
+    def _trim(self) -> None:
+        # Only the left context of the next chunk is still needed from before self._next.
+        keep_from = max(0, self._next - self.policy.context_frames)
+        drop = keep_from - self._base
+        if drop >= _TRIM_BLOCK:
+            del self._frames[:drop]
+            self._base = keep_from

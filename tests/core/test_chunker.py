@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import DecoderSettings
+from gateway.core.chunker import Chunker, ChunkPlan, ChunkPolicy, check_frame
+from gateway.errors import DecoderError
+from gateway.vocab import SAMPLES_PER_FRAME, Frame
+
+
+def frame(i: int) -> Frame:
+    # Distinct codes per frame so that a window holding the wrong frames is caught.
+    return (i % 4096, (i * 7) % 4096, 1, 2, 3, 4, (i * 13) % 4096)
+
+
+def frames(a: int, b: int) -> list[Frame]:
+    return [frame(i) for i in range(a, b)]
+
+
+def run(policy: ChunkPolicy, total: int, splits: list[int]) -> tuple[list[ChunkPlan], list[int]]:
+    """Feed ``total`` frames in pieces of the given sizes, then flush.
+
+    Returns the plans and, for each plan, how many frames had been fed when it appeared.
+    """
+    ch = Chunker(policy)
+    plans: list[ChunkPlan] = []
+    seen_at: list[int] = []
+    pos = 0
+    for n in splits:
+        n = min(n, total - pos)
+        new = ch.feed(frames(pos, pos + n))
+        pos += n
+        plans += new
+        seen_at += [pos] * len(new)
+        if pos == total:
+            break
+    if pos < total:
+        new = ch.feed(frames(pos, total))
+        plans += new
+        seen_at += [total] * len(new)
+    new = ch.flush()
+    plans += new
+    seen_at += [total] * len(new)
+    assert ch.chunks == len(plans)
+    return plans, seen_at
+
+
+def test_default_policy_matches_decoder_settings() -> None:
+    p = ChunkPolicy.from_settings(DecoderSettings())
+    assert p == ChunkPolicy()
+    assert [p.size(k) for k in range(5)] == [2, 4, 8, 8, 8]
+    assert p.right_context(0) == 3
+
+
+def test_first_chunk_waits_for_its_right_context() -> None:
+    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    assert ch.feed(frames(0, 4)) == []
+    assert ch.frames_needed == 1
+    [p] = ch.feed(frames(4, 5))
+    assert (p.index, p.start, p.end, p.window_start, p.window_end) == (0, 0, 2, 0, 5)
+    assert p.frames == tuple(frames(0, 5))
+    assert (p.keep_start, p.keep_end) == (0, 2 * SAMPLES_PER_FRAME)
+
+
+def test_later_chunks_have_left_and_right_context() -> None:
+    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    plans = ch.feed(frames(0, 40))
+    spans = [(p.start, p.end, p.window_start, p.window_end) for p in plans]
+    assert spans[:4] == [(0, 2, 0, 5), (2, 6, 0, 9), (6, 14, 3, 17), (14, 22, 11, 25)]
+    p = plans[3]
+    assert p.frames == tuple(frames(11, 25))
+    assert (p.keep_start, p.keep_end) == (3 * 2048, 11 * 2048)
+    assert (p.left_context, p.right_context, p.window_frames) == (3, 3, 14)
+
+
+def test_flush_emits_the_rest_up_to_the_true_end() -> None:
+    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    ch.feed(frames(0, 12))  # chunks [0,2) and [2,6); [6,14) needs 17 frames
+    [last] = ch.flush()
+    assert (last.start, last.end, last.window_start, last.window_end) == (6, 12, 3, 12)
+    assert ch.flush() == []
+    assert ch.frames_needed == 0
+
+
+def test_short_segment_is_one_whole_utterance_window() -> None:
+    ch = Chunker()
+    assert ch.feed(frames(0, 3)) == []
+    [p] = ch.flush()
+    assert (p.start, p.end, p.window_start, p.window_end) == (0, 3, 0, 3)
+
+
+def test_empty_segment_has_no_chunks() -> None:
+    ch = Chunker()
+    assert ch.flush() == []
+    assert ch.chunks == 0
+
+
+def test_low_latency_first_chunk_uses_less_right_context() -> None:
+    ch = Chunker(ChunkPolicy(first_chunk_right_context=1))
+    [p] = ch.feed(frames(0, 3))
+    assert (p.start, p.end, p.window_end) == (0, 2, 3)
+    # Later chunks are back to full context.
+    assert ch.feed(frames(3, 8)) == []
+    [q] = ch.feed(frames(8, 9))
+    assert (q.start, q.end, q.window_start, q.window_end) == (2, 6, 0, 9)
+
+
+def test_zero_context_emits_exact_multiples_without_a_flush_chunk() -> None:
+    plans, _ = run(ChunkPolicy(context_frames=0, first_chunk_frames=2, chunk_frames=2), 6, [6])
+    assert [(p.start, p.end, p.window_start, p.window_end) for p in plans] == [
+        (0, 2, 0, 2),
+        (2, 4, 2, 4),
+        (4, 6, 4, 6),
+    ]
+
+
+def test_feed_after_flush_is_an_error() -> None:
+    ch = Chunker()
+    ch.flush()
+    with pytest.raises(DecoderError, match="ended"):
+        ch.feed(frames(0, 1))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [(1, 2, 3), (0, 0, 0, 0, 0, 0, 4096), (0, 0, 0, 0, 0, 0, -1), (0.5, 0, 0, 0, 0, 0, 0)],
+)
+def test_bad_frames_are_rejected(bad: tuple[float, ...]) -> None:
+    with pytest.raises(DecoderError):
+        Chunker().feed([bad])
+
+
+def test_check_frame_accepts_lists_and_returns_a_tuple() -> None:
+    assert check_frame([1, 2, 3, 4, 5, 6, 4095]) == (1, 2, 3, 4, 5, 6, 4095)
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError):
+        ChunkPolicy(first_chunk_frames=0)
+    with pytest.raises(ValueError):
+        ChunkPolicy(first_chunk_right_context=-2)
+
+
+def test_old_frames_are_released() -> None:
+    ch = Chunker()
+    for i in range(0, 1000, 10):
+        ch.feed(frames(i, i + 10))
+    assert len(ch._frames) < 64 + 8 + 3 + 3 + 10
+
+
+policies = st.builds(
+    ChunkPolicy,
+    context_frames=st.integers(0, 5),
+    first_chunk_frames=st.integers(1, 6),
+    chunk_frames=st.integers(1, 12),
+    first_chunk_right_context=st.integers(-1, 5),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=policies,
+    total=st.integers(0, 80),
+    splits=st.lists(st.integers(0, 20), max_size=40),
+)
+def test_kept_ranges_tile_the_segment_exactly_once(
+    policy: ChunkPolicy, total: int, splits: list[int]
+) -> None:
+    plans, seen_at = run(policy, total, splits)
+    # Every sample of every frame, once, in order: F frames give exactly F * 2048 samples.
+    pos = 0
+    for i, p in enumerate(plans):
+        assert p.index == i
+        assert p.sample_offset == pos
+        assert p.samples > 0
+        pos += p.samples
+    assert pos == total * SAMPLES_PER_FRAME
+    for p, fed in zip(plans, seen_at, strict=True):
+        # The window holds exactly the segment's frames, and never frames not yet fed.
+        assert p.frames == tuple(frames(p.window_start, p.window_end))
+        assert p.window_end <= fed
+        assert p.window_start == max(0, p.start - policy.context_frames)
+        assert 0 <= p.keep_start < p.keep_end <= p.window_frames * SAMPLES_PER_FRAME
+        # Right context is complete unless the window stops at the segment's true end.
+        if p.window_end < total:
+            assert p.right_context >= policy.right_context(p.index)
+
+
+@settings(max_examples=100, deadline=None)
+@given(policy=policies, total=st.integers(0, 60), splits=st.lists(st.integers(1, 9)))
+def test_plans_do_not_depend_on_how_frames_arrive(
+    policy: ChunkPolicy, total: int, splits: list[int]
+) -> None:
+    # Same frames, same plans, whether they arrive one by one or in bursts: the decoded
+    # audio is then identical too, which keeps streaming output reproducible.
+    one_by_one, _ = run(policy, total, [1] * total)
+    bursts, _ = run(policy, total, splits)
+    assert one_by_one == bursts
