@@ -238,6 +238,9 @@ class FakeStats:
     max_active: int
     max_waiting: int
     tokens_sent: int
+    client_addresses: int
+    """Distinct client (host, port) pairs seen: new TCP connections, so keep-alive reuse
+    shows as fewer addresses than requests (counted up to 65536)."""
     faults: dict[str, int]
     last_request: dict[str, Any] | None
 
@@ -293,6 +296,7 @@ class FakeVLLM:
             0,
         )
         self._fault_counts: dict[str, int] = dict.fromkeys(FAULT_KINDS, 0)
+        self._peers: set[tuple[str, int]] = set()
 
     # -- control ---------------------------------------------------------------------
 
@@ -315,6 +319,7 @@ class FakeVLLM:
     def stats(self) -> FakeStats:
         c = self._c
         return FakeStats(
+            client_addresses=len(self._peers),
             faults=dict(self._fault_counts),
             last_request=self.recent_requests[-1] if self.recent_requests else None,
             **c,
@@ -357,6 +362,9 @@ class FakeVLLM:
     # -- request handling ------------------------------------------------------------
 
     def _auth_error(self, request: Request) -> Response | None:
+        # Every API request passes here first: note its connection.
+        if request.client is not None and len(self._peers) < 65536:
+            self._peers.add((request.client.host, request.client.port))
         key = self.options.api_key
         if key and request.headers.get("authorization") != f"Bearer {key}":
             self._c["rejected"] += 1

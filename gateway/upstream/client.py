@@ -52,6 +52,9 @@ ERROR_BODY_LIMIT = 64 * 1024
 
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 
+_DRAIN_S = 0.25
+"""How long a finished stream may take to deliver the rest of its body (see _drain)."""
+
 # Fields the protocol needs; extra_body and overrides must not change them.
 _PROTOCOL_KEYS = frozenset({"model", "prompt", "stream", "skip_special_tokens"})
 
@@ -547,6 +550,7 @@ class CompletionStream:
     async def read(self) -> str | None:
         """Text of the next network chunk's events; ``None`` at the proper end."""
         if self.done:
+            await self._drain()
             return None
         while True:
             try:
@@ -567,11 +571,28 @@ class CompletionStream:
                 )
             text = self._events(chunk)
             if text is None:
+                await self._drain()
                 return None
             if text or self.done:
                 return text
             # Bytes without text (half an event, a usage event): keep reading, the
             # token deadline unchanged, so a server that dribbles bytes still times out.
+
+    async def _drain(self) -> None:
+        """Read past ``[DONE]`` to the end of the body, so the connection goes back to the
+        keep-alive pool instead of being closed (the terminating chunk usually arrived
+        with ``[DONE]``; a server that holds the body open just loses its connection)."""
+        chunks, self._chunks = self._chunks, None
+        if chunks is None:
+            return
+        try:
+            async with asyncio.timeout(_DRAIN_S):
+                async for _ in chunks:
+                    pass
+        except (TimeoutError, httpx.HTTPError):
+            pass
+        finally:
+            await chunks.aclose()
 
     def _events(self, chunk: bytes) -> str | None:
         parts: list[str] = []

@@ -633,6 +633,15 @@ async def test_live_exact_audio_through_the_pool() -> None:
         assert body["stream"] is True and body["prompt"].startswith("<custom_token_3>")
 
 
+async def test_live_finished_streams_keep_their_connection_alive() -> None:
+    async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
+        for i in range(5):
+            frames, _ = await collect(pool.synthesize(req(i)))
+            assert frames
+        # The start-up probe and five segments, all on one keep-alive connection.
+        assert fake.fake.stats().client_addresses == 1
+
+
 async def test_live_retries_after_503_and_a_dropped_stream() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         fake.fake.push_fault(Fault("http_error", status=503), Fault("disconnect", after_tokens=20))
