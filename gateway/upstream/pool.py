@@ -122,7 +122,7 @@ class RequestStats:
     ttft_s: float | None
     """Last attempt: request sent to first token."""
     first_audio_s: float | None
-    """From :meth:`UpstreamPool.synthesize` to the first frames handed out (any attempt)."""
+    """From the start of the iteration to the first frames handed out (any attempt)."""
     tokens: int
     """Audio tokens received in the last attempt."""
     tokens_per_s: float | None
@@ -657,6 +657,12 @@ class Synthesis:
         except UpstreamError as exc:
             outcome = "error"
             error = exc
+            raise
+        except Exception as exc:
+            # Not an upstream failure (a caller's may_restart raising, a bug): still an
+            # error in the figures, not a cancellation.
+            outcome = "error"
+            error = UpstreamError(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL)
             raise
         finally:
             pool._close(ticket)
