@@ -114,20 +114,25 @@ export class GatewayClient {
     }
     this.retry++;
     const delay = Math.min(10000, 500 * 2 ** Math.min(this.retry, 5));
-    this.setState("offline", `Retrying in ${Math.round(delay / 1000)} s`);
+    // Reachable yet refusing sessions, for a reason the probe could not name: offer the
+    // key field anyway (while retrying), since a key is the one thing the user can fix.
+    const hint = this.failedBeforeReady >= 3 ? " · access key?" : "";
+    this.setState("offline", `Retrying in ${Math.round(delay / 1000)} s${hint}`);
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
 
-  // A browser cannot see why a WebSocket upgrade was refused, so ask the HTTP API, which
-  // answers 401 with the same key rules.
+  // A browser cannot see why a WebSocket upgrade was refused (it reports 1006 for an
+  // HTTP 401), so ask the HTTP API, which applies the same key rules. An empty speech
+  // request checks the key first and is then refused as empty: it never synthesises.
   async needsKey(e) {
     if (e.code === 4401 || e.code === 4403 || /unauthori[sz]ed/i.test(e.reason || "")) return true;
     try {
-      const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
-      const r = await fetch("/v1/voices", { headers });
+      const headers = { "Content-Type": "application/json" };
+      if (this.token) headers.Authorization = `Bearer ${this.token}`;
+      const r = await fetch("/v1/audio/speech", { method: "POST", headers, body: "{}" });
       return r.status === 401 || r.status === 403;
     } catch {
-      return false;
+      return false; // the gateway is unreachable: offline, not a key problem
     }
   }
 

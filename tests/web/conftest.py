@@ -1,8 +1,9 @@
 """Fixtures for the browser tests: a gateway to talk to and Debian's chromium to drive.
 
 ``gateway_url`` is the one seam between these tests and the server under test. It runs
-the protocol-faithful mock in ``mock_gateway.py`` (audio at 1.5x real time); pointing it
-at the real gateway plus the fake vLLM changes nothing else here.
+the protocol-faithful mock in ``mock_gateway.py`` (audio at 1.5x real time), or the
+gateway named by ``$VOICEGW_WEB_GATEWAY``; pointing it at the real gateway plus the fake
+vLLM changes nothing else here.
 
 Chromium is Debian's (``/usr/bin/chromium``), installed by ``scripts/install_chromium``
 when missing; ``playwright install`` is never used (it downloads browsers). Every test
@@ -79,14 +80,27 @@ def serve_app(app: Any) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def gateway_url() -> Iterator[str]:
-    """Base URL of a gateway serving the page at ``/`` and ``/v1/tts/stream``."""
+    """Base URL of a gateway serving the page at ``/`` and ``/v1/tts/stream``.
+
+    ``VOICEGW_WEB_GATEWAY=http://host:port`` runs the tests against a gateway that is
+    already running (a dev server, ``voicegw serve --demo``) instead.
+    """
+    external = os.environ.get("VOICEGW_WEB_GATEWAY")
+    if external:
+        yield external.rstrip("/")
+        return
     with serve_app(create_app(MockOptions(speed=1.5))) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def keyed_gateway_url() -> Iterator[tuple[str, str]]:
-    """A gateway that requires an access key, and that key."""
+    """A gateway that requires an access key, and that key
+    (``$VOICEGW_WEB_KEYED_GATEWAY`` and ``$VOICEGW_WEB_KEY`` name a running one)."""
+    external = os.environ.get("VOICEGW_WEB_KEYED_GATEWAY")
+    if external:
+        yield external.rstrip("/"), os.environ["VOICEGW_WEB_KEY"]
+        return
     with serve_app(create_app(MockOptions(speed=1.5, keys=(TEST_KEY,)))) as url:
         yield url, TEST_KEY
 

@@ -360,15 +360,29 @@ def create_app(options: MockOptions | None = None, web_dir: Path = WEB_DIR) -> S
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         return JSONResponse({"voices": list(VOICES), "default": "tara"})
 
+    async def speech(request: Request) -> JSONResponse:
+        # Only what the page uses: the key check (the page's probe), then a refusal.
+        if not authorised(dict(request.query_params), dict(request.headers)):
+            return JSONResponse({"error": {"code": "unauthorized"}}, status_code=401)
+        return JSONResponse(
+            {"error": {"code": "bad_message", "message": "the mock does not synthesise here"}},
+            status_code=400,
+        )
+
     async def stream(ws: WebSocket) -> None:
         if not authorised(dict(ws.query_params), dict(ws.headers)):
-            await ws.close(code=4401, reason="unauthorized")
+            # Like the gateway: an HTTP 401 instead of the upgrade. A browser only sees the
+            # socket close (1006), so the page asks /v1/voices why.
+            await ws.send_denial_response(
+                JSONResponse({"error": {"code": "unauthorized"}}, status_code=401)
+            )
             return
         await _Session(ws, opts).run()
 
     return Starlette(
         routes=[
             Route("/v1/voices", voices),
+            Route("/v1/audio/speech", speech, methods=["POST"]),
             WebSocketRoute("/v1/tts/stream", stream),
             Mount("/", StaticFiles(directory=web_dir, html=True)),
         ]

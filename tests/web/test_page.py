@@ -10,11 +10,13 @@ protocol events the page received.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 
 pytestmark = pytest.mark.browser
 
@@ -228,9 +230,10 @@ def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(open_page: 
 
     # Time to first audio is measured and shown.
     assert 0 < s["ttfaMs"] < 3000
-    assert page.text_content("#stat-ttfa").endswith("ms")
-    assert page.text_content("#stat-underruns") == "0"
-    assert page.text_content("#stat-segments") == str(done["segments"])
+    # The strip redraws ten times a second: give it that long.
+    expect(page.locator("#stat-ttfa")).to_have_text(re.compile(r"^\d[\d,]* ms$"))
+    expect(page.locator("#stat-underruns")).to_have_text("0")
+    expect(page.locator("#stat-segments")).to_have_text(str(done["segments"]))
 
 
 def _silence_after_interrupt(page: Any) -> float:
@@ -338,14 +341,15 @@ def test_underruns_are_detected_reported_and_rebuffered(open_page: Any) -> None:
     for _ in range(3):
         page.keyboard.press("ArrowRight")
     assert page.text_content("#speed-out") == "20 chars/s"
-    speak(page, "Hi there. This sentence arrives later.")
+    # The first sentence is long enough (>100 ms on any backend) to start playing alone.
+    speak(page, "Hello there, first sentence. And this one takes its time to arrive.")
     s = wait_turns_played(page, 1)
 
     assert s["underruns"] >= 1
     assert len(s["underrunLog"]) == s["underruns"]
     assert all(u["ms"] is not None and u["ms"] > 0 for u in s["underrunLog"])
     assert abs(sum(u["ms"] for u in s["underrunLog"]) - s["underrunMs"]) < 1
-    assert s["underrunMs"] > 200
+    assert s["underrunMs"] > 50
     # The first start is the turn's prebuffer, not an underrun; each resume rebuffered.
     starts = s["startLog"]
     assert not starts[0]["afterUnderrun"]
@@ -353,8 +357,8 @@ def test_underruns_are_detected_reported_and_rebuffered(open_page: Any) -> None:
     assert all(st["buffered"] >= 2400 for st in starts[1:])
     # Nothing lost to the gaps, and the page says so in red.
     assert s["samplesPlayed"] == s["samplesReceived"] == s["samplesAnnounced"]
-    assert page.text_content("#stat-underruns") == str(s["underruns"])
-    assert "bad" in (page.get_attribute("#stat-underruns", "class") or "")
+    expect(page.locator("#stat-underruns")).to_have_text(str(s["underruns"]))
+    expect(page.locator("#stat-underruns")).to_have_class(re.compile(r"\bbad\b"))
 
 
 @pytest.mark.parametrize("rate", [24000, 44100, 48000])
@@ -402,7 +406,7 @@ def test_resampling_in_the_worklet_counts_exactly(open_page: Any) -> None:
     s = wait_turns_played(page, 1)
     assert s["contextRate"] == 44100 and s["sampleRate"] == 44100 and s["resampling"]
     assert_all_played(s)
-    assert "resampled" in (page.text_content("#stat-audio") or "")
+    expect(page.locator("#stat-audio")).to_contain_text("resampled")
 
 
 def test_access_key_is_asked_for_and_used(open_page: Any, keyed_gateway_url: Any) -> None:
