@@ -45,28 +45,29 @@ class Pipeline:
             repetition_penalty=p.repetition_penalty,
             seed=p.seed,
         )
-        frames = 0
         stream = self._open(job, sink)
         consumer = asyncio.create_task(_drain(stream, sink))
         try:
-            async for ev in self.pool.synthesize(req, may_restart=lambda: not sink.audio_sent):
-                if isinstance(ev, Restart):
-                    await _stop(stream, consumer)
-                    if not sink.restart():
-                        raise UpstreamError(
-                            f"upstream failed after audio was sent: {ev.message}",
-                            code=ErrorCode.UPSTREAM_ERROR,
-                        )
-                    frames = 0
-                    stream = self._open(job, sink)
-                    consumer = asyncio.create_task(_drain(stream, sink))
-                    continue
-                if consumer.done():
-                    consumer.result()  # a decoder failure ends the segment now
-                stream.push(list(ev.frames))
-                frames += len(ev.frames)
-            if frames == 0:
-                raise UpstreamError("the upstream produced no audio", code=ErrorCode.NO_AUDIO)
+            # The context manager closes the HTTP stream and frees the upstream slot
+            # however this block ends (error, cancel), not only when iteration completes.
+            async with self.pool.synthesize(
+                req, may_restart=lambda: not sink.audio_sent
+            ) as synthesis:
+                async for ev in synthesis:
+                    if isinstance(ev, Restart):
+                        await _stop(stream, consumer)
+                        if not sink.restart():
+                            raise UpstreamError(
+                                f"upstream failed after audio was sent: {ev.message}",
+                                code=ErrorCode.UPSTREAM_ERROR,
+                            )
+                        stream = self._open(job, sink)
+                        consumer = asyncio.create_task(_drain(stream, sink))
+                        continue
+                    if consumer.done():
+                        consumer.result()  # a decoder failure ends the segment now
+                    stream.push(list(ev.frames))
+            # The pool raises no_audio itself when a stream ends without frames.
             await stream.end()
             await consumer
         finally:

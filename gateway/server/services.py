@@ -60,7 +60,7 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
         worker = DecodeWorker(model, settings.gateway.decoder)
         await worker.start()
         stack.push_async_callback(worker.stop)
-        pool = UpstreamPool(vllm)
+        pool = UpstreamPool(vllm, on_request_done=lambda st: _observe_request(metrics, st))
         await pool.start()
         stack.push_async_callback(pool.aclose)
         chat: ChatLLM | None = None
@@ -69,14 +69,19 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
             stack.push_async_callback(chat.aclose)
         _install_metrics(metrics, pool, worker)
 
+        decoder_desc = f"{model.source} on {model.device} ({model.dtype})" + (
+            " -- SIMULATED: random weights, the audio is noise" if model.random_weights else ""
+        )
+
         async def readiness() -> dict[str, Any]:
             snap = pool.snapshot()
-            healthy = [e.name for e in snap.endpoints if e.healthy]
+            healthy = [e.name for e in snap.endpoints if e.available]
+            health = worker.health()
             return {
-                "ready": bool(healthy) and worker.ready,
-                "decoder": model.description,
-                "upstreams_healthy": healthy,
-                "upstreams_ejected": [e.name for e in snap.endpoints if not e.healthy],
+                "ready": bool(healthy) and health.ready,
+                "decoder": health.detail,
+                "upstreams_available": healthy,
+                "upstreams_ejected": [e.name for e in snap.endpoints if not e.available],
             }
 
         _banner(
@@ -84,7 +89,7 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
                 f"voicegw {'DEMO' if demo else 'serving'} on "
                 f"http://{settings.gateway.server.host}:{settings.gateway.server.port}/",
                 f"TTS upstream: {upstream_desc}",
-                f"SNAC decoder: {model.description}",
+                f"SNAC decoder: {decoder_desc}",
                 f"chat LLM: {llm.base_url or 'not configured'}"
                 + (" (SIMULATED: the fake vLLM's chat API)" if simulated_chat else ""),
             ]
@@ -97,8 +102,10 @@ def _install_metrics(metrics: Metrics, pool: Any, worker: Any) -> None:
         s = pool.snapshot()
         return {
             "queue_waiting": float(s.waiting),
-            "requests_running": float(s.running),
-            "endpoints_healthy": float(sum(1 for e in s.endpoints if e.healthy)),
+            "requests_in_flight": float(s.in_flight),
+            "endpoints_available": float(sum(1 for e in s.endpoints if e.available)),
+            "retries": float(s.retries),
+            "truncated": float(s.truncated),
         }
 
     def decoder() -> dict[str, float]:
@@ -112,7 +119,6 @@ def _install_metrics(metrics: Metrics, pool: Any, worker: Any) -> None:
 
     metrics.add_callback(upstream, "voicegw_upstream", "Upstream pool")
     metrics.add_callback(decoder, "voicegw_decoder", "SNAC decode worker")
-    pool.on_request = lambda st: _observe_request(metrics, st)
 
 
 def _observe_request(metrics: Metrics, st: Any) -> None:
