@@ -122,7 +122,9 @@ export class Player {
   // RMS of what the analyser (after the worklet, before the speakers) sees right now.
   outputLevel() {
     if (!this.analyser) return 0;
-    const data = new Float32Array(this.analyser.fftSize);
+    // Reused: this runs every animation frame, and garbage there means GC pauses.
+    this.levelBuf ??= new Float32Array(this.analyser.fftSize);
+    const data = this.levelBuf;
     this.analyser.getFloatTimeDomainData(data);
     let sum = 0;
     for (const v of data) sum += v * v;

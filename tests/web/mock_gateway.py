@@ -229,6 +229,12 @@ class _Session:
         while m := _SENTENCE.match(self.buffer):
             self._segment(turn, m.group(1))
             self.buffer = self.buffer[m.end() :]
+        # A long sentence still streaming is cut at a comma, as the real segmenter cuts at
+        # clauses, so its start is not held back by its end.
+        comma = self.buffer.rfind(", ")
+        if len(self.buffer) > 90 and comma > 30:
+            self._segment(turn, self.buffer[: comma + 1])
+            self.buffer = self.buffer[comma + 2 :]
         if final and self.buffer.strip():
             self._segment(turn, self.buffer)
             self.buffer = ""
