@@ -5,7 +5,9 @@
 // spoken (highlighted, driven by the worklet's playback position), spoken, or cut.
 
 const WORD = /[\p{L}\p{N}]/u;
-const TAG = /<([a-z][a-z_-]{0,23})>/gi;
+// Orpheus's emotion tags (gateway/core/codec.py EMOTION_TAGS). Only these become pills:
+// any other <...> in the text is shown as typed.
+const TAG = /<(laugh|chuckle|sigh|cough|sniffle|groan|yawn|gasp)>/gi;
 
 function esc(s) {
   return s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
@@ -17,7 +19,7 @@ export function renderInline(text) {
   let last = 0;
   for (const m of text.matchAll(TAG)) {
     html += esc(text.slice(last, m.index));
-    html += `<span class="tag" title="${esc(m[1])}">${esc(m[1].replace(/[_-]/g, " "))}</span>`;
+    html += `<span class="tag" title="${esc(m[0])}">${esc(m[1].toLowerCase())}</span>`;
     last = m.index + m[0].length;
   }
   return html + esc(text.slice(last));

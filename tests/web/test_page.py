@@ -443,3 +443,31 @@ def test_save_screenshot(open_page: Any, output_dir: Path) -> None:
     assert mobile.stat().st_size > 10_000
     page.click("#panel-chat .stop-btn")
     page.wait_for_function("!voicegw.stats().busy")
+
+
+def test_transcript_aligns_normalised_segments_and_renders_tags(open_page: Any) -> None:
+    # The server's segment text is normalised for speech; the highlight must still land on
+    # the right part of what the user saw stream in.
+    page = open_page(wait_connected=False)
+    r = page.evaluate(
+        """async () => {
+      const {alignSegment, renderInline} = await import('/transcript.js');
+      const cases = [
+        ['Hello there. How are you?', 0, 'Hello there.'],
+        ['Hello   there!\\n\\nNext', 0, 'Hello there!'],
+        ['Great! <laugh> Next one.', 0, 'Great!'],
+        ['Great! <laugh> Next one.', 7, '<laugh> Next one.'],
+        ['I have 3 cats. Then more.', 0, 'I have three cats.'],
+        ['abc def. ghi', 0, 'xyz'],
+      ];
+      return {
+        ends: cases.map(([raw, from, seg]) => alignSegment(raw, from, seg)),
+        html: renderInline('Ha <laugh> & <b>bold</b>'),
+      };
+    }"""
+    )
+    assert r["ends"] == [13, 16, 7, 24, 15, 4]
+    # Emotion tags become pills; any other markup is shown as typed, never interpreted.
+    assert r["html"] == (
+        'Ha <span class="tag" title="&lt;laugh&gt;">laugh</span> &amp; &lt;b&gt;bold&lt;/b&gt;'
+    )
