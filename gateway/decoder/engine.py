@@ -1,0 +1,236 @@
+"""Batched SNAC window decode: chunk plans in, int16 PCM of the kept samples out.
+
+The engine runs in the decode worker's thread only; it is synchronous and owns no
+threads of its own.
+
+Decode of one plan: the window's codes go through SNAC's quantizer to latents (4 steps a
+frame), the latents are cut to the kept span plus the decoder's receptive field (10
+latent steps each side, see ``snac_model``), and the decoder turns them into 512 samples
+a latent step. Cutting to the receptive field is exact: every kept sample still sees all
+the latents it depends on, and it saves decoding context that cannot matter (3 context
+frames are 12 latent steps; 10 are needed). Where the window has less context than the
+receptive field (the true start or end of a segment, or a deliberately short first-chunk
+right context) nothing is cut.
+
+Batching: plans whose cut latents have the same length are stacked into one forward pass,
+so there is never padding to leak. How many are stacked per pass is ``max_stack``: on
+GPU the whole group, on CPU one window per pass by default, because stacking there makes
+every window *slower* (the activations outgrow the caches: measured 22 ms per frame alone
+against 37 ms per frame in a stack of 16). Stacked or not, results are the same: one pass
+per window is bit-identical to unbatched decode, and stacked passes differ from it by at
+most 1 LSB in rare samples, because oneDNN/cuDNN pick different GEMM kernels for
+different batch shapes (about 0.2% of samples, SNR > 100 dB).
+
+Conversion: ``round(clip(y * 32767))`` to int16, no fades, no trims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gateway.core.chunker import ChunkPlan, ChunkPolicy, check_frame
+from gateway.decoder.snac_model import HOP, LATENTS_PER_FRAME, LoadedModel
+from gateway.errors import DecoderError
+from gateway.vocab import SAMPLES_PER_FRAME, Frame
+
+_L1 = [1, 4]
+_L2 = [2, 3, 5, 6]
+
+
+def levels(frames: np.ndarray) -> list[np.ndarray]:
+    """Frames ``[..., n, 7]`` to SNAC's three code levels, as ``frames_to_levels`` does:
+    ``[f0]``, ``[f1, f4]``, ``[f2, f3, f5, f6]`` per frame, flattened along time."""
+    lead = frames.shape[:-2]
+    return [
+        frames[..., 0],
+        frames[..., _L1].reshape(*lead, -1),
+        frames[..., _L2].reshape(*lead, -1),
+    ]
+
+
+def to_int16(audio: torch.Tensor) -> torch.Tensor:
+    """Float audio in [-1, 1] to int16: scale, round half to even, clip. No fades, no trims."""
+    return audio.float().mul(32767.0).round_().clamp_(-32768.0, 32767.0).to(torch.int16)
+
+
+class SnacEngine:
+    """Decodes chunk plans with a loaded SNAC model. Use from one thread at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_stack: int | None = None,
+        trim: bool = True,
+    ) -> None:
+        self.loaded = loaded
+        self._model = loaded.model
+        self._device = loaded.torch_device
+        self._cuda = self._device.type == "cuda"
+        # See the module docstring: stacking pays on GPU and costs on CPU.
+        self.max_stack = max_stack if max_stack is not None else (1024 if self._cuda else 1)
+        if self.max_stack < 1:
+            raise ValueError("max_stack must be >= 1")
+        left, right = loaded.receptive_field
+        self._ctx_left = left if trim else math.inf
+        self._ctx_right = right if trim else math.inf
+
+    def latent_span(self, plan: ChunkPlan) -> tuple[int, int]:
+        """The latent steps of the window that are decoded, relative to the window start."""
+        n = plan.window_frames * LATENTS_PER_FRAME
+        a = plan.left_context * LATENTS_PER_FRAME
+        b = a + (plan.end - plan.start) * LATENTS_PER_FRAME
+        lo = max(0, a - self._ctx_left)
+        hi = min(n, b + self._ctx_right)
+        return int(lo), int(hi)
+
+    def group_key(self, plan: ChunkPlan) -> Hashable:
+        """Plans with equal keys can be stacked into one forward pass."""
+        lo, hi = self.latent_span(plan)
+        return hi - lo
+
+    def decode(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
+        """Decode ``plans``; return each plan's kept samples as int16, in the given order."""
+        out: list[np.ndarray | None] = [None] * len(plans)
+        groups: dict[Hashable, list[int]] = {}
+        for i, p in enumerate(plans):
+            groups.setdefault(self.group_key(p), []).append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                for k in range(0, len(idx), self.max_stack):
+                    part = idx[k : k + self.max_stack]
+                    for i, pcm in zip(
+                        part, self._decode_stack([plans[i] for i in part]), strict=True
+                    ):
+                        out[i] = pcm
+        return out  # type: ignore[return-value]
+
+    def _decode_stack(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
+        latents = []
+        spans = []
+        for p in plans:
+            lo, hi = self.latent_span(p)
+            # Latents per window, not per stack: the quantizer's projections then see the
+            # same shapes whether or not the window is stacked with others.
+            z = self._latents(p.frames)
+            latents.append(z[:, :, lo:hi])
+            spans.append(lo)
+        z = latents[0] if len(latents) == 1 else torch.cat(latents, dim=0)
+        audio = to_int16(self._model.decoder(z)).cpu().numpy()[:, 0, :]
+        result = []
+        for row, p, lo in zip(audio, plans, spans, strict=True):
+            off = lo * HOP
+            pcm = row[p.keep_start - off : p.keep_end - off]
+            if pcm.shape[0] != p.samples:  # pragma: no cover - would be a planning bug
+                raise DecoderError(f"chunk {p.index}: {pcm.shape[0]} samples, not {p.samples}")
+            result.append(np.ascontiguousarray(pcm))
+        return result
+
+    def _latents(self, frames: Sequence[Frame]) -> torch.Tensor:
+        codes = torch.from_numpy(np.asarray(frames, dtype=np.int64)[None])
+        lv = [c.to(self._device) for c in levels(codes)]
+        return self._model.quantizer.from_codes(lv)
+
+    def warm_up(self, policy: ChunkPolicy, max_batch: int = 1) -> None:
+        """Decode the window shapes a segment starts with, once, at start-up.
+
+        The first pass for each shape pays for kernel selection and allocation (oneDNN
+        primitives, cuDNN autotuning); doing it here keeps that out of the first request.
+        """
+        from gateway.core.chunker import Chunker
+
+        ch = Chunker(policy)
+        n = policy.first_chunk_frames + 2 * policy.chunk_frames + 2 * policy.context_frames + 8
+        rng = np.random.default_rng(0)
+        codes = [tuple(int(c) for c in row) for row in rng.integers(0, 4096, (n, 7))]
+        plans = ch.feed(codes)
+        seen: set[Hashable] = set()
+        for p in plans:
+            key = self.group_key(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            self.decode([p] * min(max_batch, self.max_stack))
+        if self._cuda:
+            torch.cuda.synchronize(self._device)
+
+
+def decode_utterance(loaded: LoadedModel, frames: Sequence[Sequence[int]]) -> np.ndarray:
+    """Whole-utterance decode of ``frames`` to int16 PCM: the reference for exactness.
+
+    F frames give F * 2048 samples. Other components use it to check that a segment's
+    streamed PCM equals the decode of the codes that were sent for it (with ``noise``
+    off; a noisy model adds fresh noise on every call).
+    """
+    checked = [check_frame(f) for f in frames]
+    if not checked:
+        return np.zeros(0, dtype=np.int16)
+    codes = torch.from_numpy(np.asarray(checked, dtype=np.int64)[None])
+    with torch.inference_mode():
+        lv = [c.to(loaded.torch_device) for c in levels(codes)]
+        audio = loaded.model.decode(lv)
+        pcm = to_int16(audio).cpu().numpy()[0, 0]
+    assert pcm.shape[0] == len(checked) * SAMPLES_PER_FRAME
+    return pcm
+
+
+def measure_receptive_field(
+    loaded: LoadedModel, frames: int = 16, seed: int = 0
+) -> tuple[int, int]:
+    """Measure, in samples, how far one frame's codes reach before and after the frame.
+
+    Decodes random codes twice, the second time with the middle frame's codes changed,
+    and finds the first and last samples that differ (in float, before rounding).
+    Requires a model without noise.
+    """
+    if loaded.noise:
+        raise DecoderError("the receptive field cannot be measured on a model with noise")
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 4096, (frames, 7))
+    b = a.copy()
+    k = frames // 2
+    b[k] = (b[k] + 1 + rng.integers(0, 4095, 7)) % 4096
+    with torch.inference_mode():
+        ya, yb = (
+            loaded.model.decode(
+                [c.to(loaded.torch_device) for c in levels(torch.from_numpy(x[None]))]
+            )
+            .float()
+            .cpu()
+            .numpy()[0, 0]
+            for x in (a, b)
+        )
+    changed = np.flatnonzero(ya != yb)
+    left = k * SAMPLES_PER_FRAME - int(changed[0])
+    right = int(changed[-1]) - ((k + 1) * SAMPLES_PER_FRAME - 1)
+    return left, right
+
+
+def snr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``test`` against ``reference`` (int16 arrays), in dB.
+
+    Identical arrays give ``inf``.
+    """
+    ref = reference.astype(np.float64)
+    err = test.astype(np.float64) - ref
+    noise = float(np.sum(err * err))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(float(np.sum(ref * ref)) / noise)
+
+
+def describe(loaded: LoadedModel) -> dict[str, Any]:
+    """A JSON-friendly summary for health endpoints and logs."""
+    return {
+        "source": loaded.source,
+        "device": loaded.device,
+        "dtype": loaded.dtype,
+        "random_weights": loaded.random_weights,
+        "noise": loaded.noise,
+        "receptive_field_latents": list(loaded.receptive_field),
+    }

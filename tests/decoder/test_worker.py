@@ -1,0 +1,405 @@
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from gateway.config import DecoderSettings
+from gateway.decoder.engine import decode_utterance, snr_db
+from gateway.decoder.snac_model import LoadedModel
+from gateway.decoder.worker import DecodeStream, DecodeWorker
+from gateway.errors import BufferOverflowError, DecoderError, ModelLoadError
+from gateway.vocab import SAMPLES_PER_FRAME, Frame
+from tests.decoder.fakes import FakeEngine, fake_pcm, frame
+
+pytestmark = pytest.mark.anyio
+
+
+def frames(n: int, salt: int = 0) -> list[Frame]:
+    return [frame(i, salt) for i in range(n)]
+
+
+def settings(**kw: object) -> DecoderSettings:
+    return dataclasses.replace(DecoderSettings(max_wait_ms=0.0), **kw)  # type: ignore[arg-type]
+
+
+async def collect(stream: DecodeStream) -> bytes:
+    return b"".join([pcm async for pcm in stream.chunks()])
+
+
+async def started(engine: FakeEngine, **kw: object) -> DecodeWorker:
+    worker = DecodeWorker(None, settings(**kw), engine=engine)
+    await worker.start()
+    return worker
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.002)
+
+
+def order(engine: FakeEngine, salts: dict[int, str]) -> list[tuple[str, int]]:
+    """(stream name, chunk index) for every decoded job, in decode order."""
+    return [(salts[fr[0][6]], idx) for batch in engine.batches for fr, idx in batch]
+
+
+# ------------------------------------------------------------------ streaming
+
+
+async def test_stream_yields_every_sample_in_order() -> None:
+    engine = FakeEngine()
+    worker = await started(engine)
+    try:
+        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        reader = asyncio.create_task(collect(stream))
+        fs = frames(23)
+        for i in range(0, 23, 3):
+            stream.push(fs[i : i + 3])
+            await asyncio.sleep(0)
+        stream.end()
+        pcm = await reader
+        assert len(pcm) == 23 * SAMPLES_PER_FRAME * 2
+        assert pcm == fake_pcm(fs).astype("<i2").tobytes()
+        assert stream.done and stream.delivered_seconds == pytest.approx(23 * 2048 / 24000)
+    finally:
+        await worker.stop()
+    assert engine.warmed
+
+
+async def test_empty_segment_ends_without_chunks() -> None:
+    worker = await started(FakeEngine())
+    try:
+        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream.end()
+        assert await collect(stream) == b""
+    finally:
+        await worker.stop()
+
+
+async def test_push_after_end_is_an_error_and_bad_codes_are_rejected() -> None:
+    worker = await started(FakeEngine())
+    try:
+        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        with pytest.raises(DecoderError):
+            stream.push([(0, 0, 0, 0, 0, 0, 5000)])
+        stream.end()
+        with pytest.raises(DecoderError, match="after the segment ended"):
+            stream.push(frames(1))
+    finally:
+        await worker.stop()
+
+
+# ------------------------------------------------------------------ scheduling
+
+
+async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1)
+    try:
+        engine.gate.clear()  # the worker will sit in its first decode
+        far = worker.open_stream(session_id="a", turn=0, seq=1, deadline=100.0)
+        head = worker.open_stream(session_id="b", turn=0, seq=0, deadline=5.0)
+        far_reader = asyncio.create_task(collect(far))
+        head_reader = asyncio.create_task(collect(head))
+        far.push(frames(40, salt=1))
+        await until(engine.entered.is_set)
+        head.push(frames(20, salt=2))
+        far.end()
+        head.end()
+        engine.gate.set()
+        await asyncio.gather(far_reader, head_reader)
+        seen = order(engine, {1: "far", 2: "head"})
+        # The far-ahead chunk already in hand finishes; then all of the head segment.
+        assert seen[0] == ("far", 0)
+        assert [s for s, _ in seen[1 : 1 + 4]] == ["head"] * 4
+        assert all(s == "far" for s, _ in seen[5:])
+    finally:
+        await worker.stop()
+
+
+async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1)
+    try:
+        engine.gate.clear()
+        blocker = worker.open_stream(session_id="z", turn=0, seq=0, deadline=-1.0)
+        blocker.push(frames(5, salt=3))
+        blocker.end()
+        await until(engine.entered.is_set)
+        # Same deadline: each chunk's own deadline is the stream's plus its offset, so the
+        # two sessions alternate by playback time; ties go by session id.
+        a = worker.open_stream(session_id="a", turn=0, seq=0, deadline=10.0)
+        b = worker.open_stream(session_id="b", turn=0, seq=0, deadline=10.0)
+        readers = [asyncio.create_task(collect(s)) for s in (a, b)]
+        a.push(frames(17, salt=1))
+        b.push(frames(17, salt=2))
+        for s in (a, b):
+            s.end()
+        engine.gate.set()
+        await asyncio.gather(*readers)
+        seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
+        assert seen == [
+            ("a", 0),
+            ("b", 0),
+            ("a", 1),
+            ("b", 1),
+            ("a", 2),
+            ("b", 2),
+            ("a", 3),
+            ("b", 3),
+        ]
+    finally:
+        await worker.stop()
+
+
+async def test_set_runout_moves_a_session_ahead() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1)
+    try:
+        engine.gate.clear()
+        blocker = worker.open_stream(session_id="z", turn=0, seq=0, deadline=-1.0)
+        blocker.push(frames(5, salt=3))
+        blocker.end()
+        await until(engine.entered.is_set)
+        a = worker.open_stream(session_id="a", turn=0, seq=0, deadline=10.0)
+        b = worker.open_stream(session_id="b", turn=0, seq=0, deadline=lambda: 20.0)
+        readers = [asyncio.create_task(collect(s)) for s in (a, b)]
+        a.push(frames(9, salt=1))
+        b.push(frames(9, salt=2))
+        b.set_runout(1.0)  # b's client is about to run dry
+        for s in (a, b):
+            s.end()
+        engine.gate.set()
+        await asyncio.gather(*readers)
+        seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
+        assert seen == [("b", 0), ("b", 1), ("b", 2), ("a", 0), ("a", 1), ("a", 2)]
+    finally:
+        await worker.stop()
+
+
+async def test_jobs_from_many_sessions_are_batched_by_shape() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=4, max_wait_ms=500.0)
+    try:
+        streams = [worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(4)]
+        readers = [asyncio.create_task(collect(s)) for s in streams]
+        for i, s in enumerate(streams):
+            s.push(frames(5, salt=i))  # exactly one first chunk each, same shape
+        await until(lambda: len(engine.batches) == 1)
+        assert len(engine.batches[0]) == 4
+        for s in streams:
+            s.end()
+        await asyncio.gather(*readers)
+        st = worker.stats
+        assert st.jobs == 8 and st.batches == 2 and st.mean_batch_size == 4.0
+        assert dict(st.batch_size_buckets)[4] == 2
+    finally:
+        await worker.stop()
+
+
+async def test_a_full_batch_does_not_wait_for_max_wait() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=2, max_wait_ms=10_000.0)
+    try:
+        a = worker.open_stream(session_id="a", turn=0, seq=0)
+        b = worker.open_stream(session_id="b", turn=0, seq=0)
+        t0 = time.monotonic()
+        a.push(frames(5, salt=1))
+        b.push(frames(5, salt=2))
+        await until(lambda: len(engine.batches) == 1)
+        assert time.monotonic() - t0 < 5.0
+        assert len(engine.batches[0]) == 2
+        a.cancel()
+        b.cancel()
+    finally:
+        await worker.stop()
+
+
+# ------------------------------------------------------------------ bounds and failures
+
+
+async def test_queue_overflow_fails_fast_and_the_stream_reports_it() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1, queue_size=2)
+    try:
+        engine.gate.clear()
+        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        s.push(frames(5))  # chunk 0, taken by the worker
+        await until(engine.entered.is_set)
+        s.push(frames(9)[5:])  # chunk 1 waits in the queue
+        other = worker.open_stream(session_id="t", turn=0, seq=0)
+        with pytest.raises(BufferOverflowError, match="decode queue full"):
+            other.push(frames(9))  # two more chunks: one too many
+        assert worker.stats.rejected_jobs == 2
+        engine.gate.set()
+        with pytest.raises(BufferOverflowError):
+            await collect(other)
+        assert other.push(frames(3)) == 0  # a failed stream ignores more frames
+        s.cancel()
+    finally:
+        await worker.stop()
+
+
+async def test_decode_failure_fails_only_the_stream_that_caused_it() -> None:
+    engine = FakeEngine(fail=lambda p: p.frames[0][6] == 2)
+    worker = await started(engine, max_batch=4, max_wait_ms=200.0)
+    try:
+        good = worker.open_stream(session_id="good", turn=0, seq=0)
+        bad = worker.open_stream(session_id="bad", turn=0, seq=0)
+        good.push(frames(9, salt=1))
+        bad.push(frames(9, salt=2))
+        good.end()
+        bad.end()
+        assert len(await collect(good)) == 9 * SAMPLES_PER_FRAME * 2
+        with pytest.raises(DecoderError, match="fake decode failure"):
+            await collect(bad)
+        assert worker.stats.failed_jobs >= 1
+    finally:
+        await worker.stop()
+
+
+async def test_cancel_drops_pending_jobs_and_ends_the_reader() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1)
+    try:
+        engine.gate.clear()
+        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        reader = asyncio.create_task(collect(s))
+        s.push(frames(60))
+        await until(engine.entered.is_set)
+        s.cancel()
+        assert await reader == b""
+        assert worker.queue_depth == 0
+        assert worker.stats.cancelled_jobs > 0
+        assert s.push(frames(2)) == 0
+        engine.gate.set()
+    finally:
+        await worker.stop()
+
+
+async def test_stop_fails_unfinished_streams() -> None:
+    engine = FakeEngine()
+    worker = await started(engine, max_batch=1)
+    engine.gate.clear()
+    s = worker.open_stream(session_id="s", turn=0, seq=0)
+    waiting = worker.open_stream(session_id="w", turn=0, seq=0)  # no frames yet
+    s.push(frames(30))
+    await until(engine.entered.is_set)
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.sleep(0.01)
+    engine.gate.set()
+    await stopping
+    for stream in (s, waiting):
+        with pytest.raises(DecoderError, match="stopped"):
+            await collect(stream)
+    assert not worker.ready and not worker.health().ready
+    with pytest.raises(DecoderError):
+        worker.open_stream(session_id="x", turn=0, seq=0)
+
+
+async def test_warm_up_failure_is_a_start_error_and_readiness_says_why() -> None:
+    engine = FakeEngine()
+    engine.warm_error = RuntimeError("CUDA out of memory")
+    worker = DecodeWorker(None, settings(), engine=engine)
+    with pytest.raises(ModelLoadError, match="out of memory"):
+        await worker.start()
+    health = worker.health()
+    assert not health.ready and "out of memory" in health.detail
+
+
+async def test_stats_report_waits_decode_time_and_utilisation() -> None:
+    engine = FakeEngine(delay=0.02)
+    worker = await started(engine, max_batch=1)
+    try:
+        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        s.push(frames(17))
+        s.end()
+        await collect(s)
+        st = worker.stats
+        assert st.jobs == 4 and st.queue_depth == 0 and st.streams == 0
+        assert st.audio_seconds_total == pytest.approx(17 * 2048 / 24000)
+        assert st.decode_seconds_total >= 4 * 0.02
+        assert st.decode_seconds_per_audio_second > 0
+        assert 0 < st.utilisation <= 1
+        assert st.queue_wait_seconds_max >= 0.02  # later chunks waited for earlier ones
+        assert st.queue_wait_buckets[-1][1] == 4
+        assert worker.health().ready
+    finally:
+        await worker.stop()
+
+
+# ------------------------------------------------------------------ real model
+
+
+@pytest.fixture
+async def real_worker(snac_model: LoadedModel) -> AsyncIterator[DecodeWorker]:
+    worker = DecodeWorker(snac_model, DecoderSettings(max_batch=4, threads=1))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+def random_frames(n: int, seed: int) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    return [tuple(int(c) for c in r) for r in rng.integers(0, 4096, (n, 7))]  # type: ignore[misc]
+
+
+async def test_worker_output_is_exact_and_batching_changes_nothing(
+    snac_model: LoadedModel, real_worker: DecodeWorker
+) -> None:
+    segs = [random_frames(n, seed=40 + n) for n in (9, 6)]
+    streams = [real_worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(len(segs))]
+    readers = [asyncio.create_task(collect(s)) for s in streams]
+    for k in range(max(map(len, segs))):
+        for s, fs in zip(streams, segs, strict=True):
+            if k < len(fs):
+                s.push([fs[k]])
+        await asyncio.sleep(0)
+    for s in streams:
+        s.end()
+    outs = await asyncio.gather(*readers)
+    assert real_worker.stats.mean_batch_size > 1.0  # the two sessions were batched
+    for fs, pcm in zip(segs, outs, strict=True):
+        got = np.frombuffer(pcm, dtype="<i2")
+        assert got.shape == (len(fs) * SAMPLES_PER_FRAME,)
+        assert snr_db(decode_utterance(snac_model, fs), got) >= 70.0
+        # Batched with another session equals decoding the session alone.
+        alone = real_worker.open_stream(session_id="alone", turn=0, seq=0)
+        alone.push(fs)
+        alone.end()
+        assert await collect(alone) == pcm
+
+
+async def test_event_loop_stays_responsive_while_the_worker_decodes(
+    real_worker: DecodeWorker,
+) -> None:
+    streams = [real_worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(3)]
+    readers = [asyncio.create_task(collect(s)) for s in streams]
+    for i, s in enumerate(streams):
+        s.push(random_frames(40, seed=i))
+        s.end()
+    await until(lambda: real_worker.stats.jobs >= 1, timeout=30)
+    lags: list[float] = []
+    cpu_from = time.process_time()
+    t_end = time.perf_counter() + 1.5
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        await asyncio.sleep(0.002)
+        lags.append(time.perf_counter() - t - 0.002)
+    cpu = time.process_time() - cpu_from
+    assert real_worker.queue_depth > 0  # still decoding after the measurement
+    # The process burnt CPU meanwhile: the worker really was decoding, in its thread.
+    assert cpu > 0.75
+    assert max(lags) < 0.020, f"loop lag {max(lags) * 1000:.1f} ms"
+    for s in streams:
+        s.cancel()
+    await asyncio.gather(*readers)
