@@ -68,7 +68,7 @@ class Pipeline:
                         consumer.result()  # a decoder failure ends the segment now
                     stream.push(list(ev.frames))
             # The pool raises no_audio itself when a stream ends without frames.
-            await stream.end()
+            stream.end()
             await consumer
         finally:
             await _stop(stream, consumer)
