@@ -73,6 +73,8 @@ async def serve_asgi(
         access_log=config.pop("access_log", False),
         lifespan=config.pop("lifespan", "on"),
         timeout_graceful_shutdown=config.pop("timeout_graceful_shutdown", 2),
+        # uvicorn's sans-I/O websockets implementation: the legacy one is deprecated.
+        ws=config.pop("ws", "websockets-sansio"),
         **config,
     )
     server = QuietServer(cfg)

@@ -142,6 +142,7 @@ def run_server(settings: Settings) -> int:
         host=srv.host,
         port=srv.port,
         loop="uvloop",
+        ws="websockets-sansio",  # the legacy websockets implementation is deprecated
         log_level=srv.log_level,
         # Frames up to max_frame_bytes get a clear error event; far bigger ones are
         # refused by the WebSocket layer (close 1009) before they are even buffered.
