@@ -228,7 +228,7 @@ def _swap_snake(module: nn.Module) -> None:
             _swap_snake(child)
 
 
-def _positional_ops(module: nn.Module) -> Iterator[nn.Module]:
+def positional_ops(module: nn.Module) -> Iterator[nn.Module]:
     """The layers that mix time positions, in forward order (children are registered in
     forward order throughout SNAC's decoder; residual branches are supersets of their
     identity paths, so following the branch is enough)."""
@@ -236,7 +236,7 @@ def _positional_ops(module: nn.Module) -> Iterator[nn.Module]:
         yield module
         return
     for child in module.children():
-        yield from _positional_ops(child)
+        yield from positional_ops(child)
 
 
 def receptive_field(decoder: nn.Module, hop: int = HOP) -> tuple[int, int]:
@@ -249,7 +249,7 @@ def receptive_field(decoder: nn.Module, hop: int = HOP) -> tuple[int, int]:
     """
     j = 1000  # any latent step far from the edges; the decoder is shift-invariant
     lo, hi = j * hop, (j + 1) * hop - 1
-    for op in reversed(list(_positional_ops(decoder))):
+    for op in reversed(list(positional_ops(decoder))):
         k, d, p, s = op.kernel_size[0], op.dilation[0], op.padding[0], op.stride[0]
         if isinstance(op, nn.ConvTranspose1d):
             span = (k - 1) * d

@@ -115,15 +115,25 @@ def test_reduced_context_costs_measured_snr(
         assert snr < ceiling_db
 
 
-def test_cutting_latents_to_the_receptive_field_is_exact(
+def test_cutting_to_what_the_kept_samples_depend_on_is_exact(
     snac_model: LoadedModel, engine: SnacEngine, utterance: tuple[list[Frame], np.ndarray]
 ) -> None:
     frames, whole = utterance
     plans = plan_stream(frames, ChunkPolicy())
     steady = plans[2]
+    # Latents: 12 context steps each side in the window, 10 needed.
     assert (steady.window_frames, engine.latent_span(steady)) == (14, (2, 54))
     uncut = SnacEngine(snac_model, trim=False)
     assert uncut.latent_span(steady) == (0, 56)
+    # Layer by layer: the same samples, in float, as decoding the whole window.
+    lo, hi = engine.latent_span(steady)
+    k0, k1 = steady.keep_start - lo * 512, steady.keep_end - lo * 512
+    with torch.inference_mode():
+        z = engine._latents(steady.frames)[:, :, lo:hi]
+        cut = engine._run_decoder(z, k0, k1)
+        full = snac_model.model.decoder(z)[..., k0:k1]
+    assert cut.shape == full.shape == (1, 1, steady.samples)
+    assert float((cut - full).abs().max()) < 1e-5
     a = np.concatenate(engine.decode(plans))
     b = np.concatenate(uncut.decode(plans))
     assert snr_db(b, a) >= 100.0 and snr_db(whole, b) >= 100.0
