@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.errors import ErrorCode, UpstreamError
+from gateway.errors import ErrorCode, GatewayError, UpstreamError
 from gateway.server.engine import SegmentJob, SegmentSink
 from gateway.upstream.client import TtsRequest
 from gateway.upstream.pool import Restart, UpstreamPool
@@ -47,26 +47,37 @@ class Pipeline:
         )
         stream = self._open(job, sink)
         consumer = asyncio.create_task(_drain(stream, sink))
+        pushed = 0  # frames of the current attempt handed to the decoder
         try:
-            # The context manager closes the HTTP stream and frees the upstream slot
-            # however this block ends (error, cancel), not only when iteration completes.
-            async with self.pool.synthesize(
-                req, may_restart=lambda: not sink.audio_sent
-            ) as synthesis:
-                async for ev in synthesis:
-                    if isinstance(ev, Restart):
-                        await _stop(stream, consumer)
-                        if not sink.restart():
-                            raise UpstreamError(
-                                f"upstream failed after audio was sent: {ev.message}",
-                                code=ErrorCode.UPSTREAM_ERROR,
-                            )
-                        stream = self._open(job, sink)
-                        consumer = asyncio.create_task(_drain(stream, sink))
-                        continue
-                    if consumer.done():
-                        consumer.result()  # a decoder failure ends the segment now
-                    stream.push(list(ev.frames))
+            try:
+                # The context manager closes the HTTP stream and frees the upstream slot
+                # however this block ends (error, cancel), not only when iteration ends.
+                async with self.pool.synthesize(
+                    req, may_restart=lambda: not sink.audio_sent
+                ) as synthesis:
+                    async for ev in synthesis:
+                        if isinstance(ev, Restart):
+                            await _stop(stream, consumer)
+                            if not sink.restart():
+                                raise UpstreamError(
+                                    f"upstream failed after audio was sent: {ev.message}",
+                                    code=ErrorCode.UPSTREAM_ERROR,
+                                )
+                            stream = self._open(job, sink)
+                            consumer = asyncio.create_task(_drain(stream, sink))
+                            pushed = 0
+                            continue
+                        if consumer.done():
+                            consumer.result()  # a decoder failure ends the segment now
+                        stream.push(list(ev.frames))
+                        pushed += len(ev.frames)
+            except GatewayError:
+                # The upstream failed for good. The frames it did deliver are valid audio:
+                # decode and play them, then report the failure in the segment's place.
+                if pushed and not consumer.done():
+                    stream.end()
+                    await consumer
+                raise
             # The pool raises no_audio itself when a stream ends without frames.
             stream.end()
             await consumer
