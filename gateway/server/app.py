@@ -124,9 +124,16 @@ class Gateway:
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
 
     def _gauges(self) -> dict[str, float]:
+        try:
+            # Every task on the loop, not just the engines' own: a leak anywhere (a
+            # handler, a stream reader) shows up here; the soak script watches it.
+            loop_tasks = float(len(asyncio.all_tasks()))
+        except RuntimeError:  # scraped off the loop (tests calling render() directly)
+            loop_tasks = 0.0
         return {
             "engine_tasks": float(sum(e.tasks for e in self.engines)),
             "segments_inflight": float(sum(e.inflight for e in self.engines)),
+            "event_loop_tasks": loop_tasks,
         }
 
     def _observe(self, protocol: SessionProtocol) -> None:

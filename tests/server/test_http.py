@@ -101,3 +101,9 @@ async def test_small_endpoints() -> None:
             for name in ("voicegw_sessions_active", "voicegw_time_to_first_audio_seconds",
                          "voicegw_segments_total", "voicegw_decode_batch_size"):  # fmt: skip
                 assert name in m
+            # The loop's task count is exported (the soak script checks it for leaks):
+            # at least the server's own tasks and this request's handler.
+            tasks = [
+                ln for ln in m.splitlines() if ln.startswith("voicegw_gateway_event_loop_tasks ")
+            ]
+            assert len(tasks) == 1 and float(tasks[0].split()[1]) >= 1
