@@ -34,6 +34,8 @@ import logging
 import math
 import os
 import re
+import socket
+import urllib.parse
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -291,9 +293,46 @@ def _load_dir(path: Path) -> SNAC:
         ) from exc
 
 
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, or None if a TCP connection to it opens.
+
+    huggingface_hub retries a failing HEAD request five times with backoff (about 25 s
+    when DNS fails); a start-up that is going to fail anyway should say so at once.
+    """
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc})"
+
+
 def _load_hub(repo_id: str, hub_kwargs: Mapping[str, Any]) -> SNAC:
     try:
+        if not hub_kwargs:
+            # The local hub cache first: no network round trip when the model is there.
+            try:
+                return SNAC.from_pretrained(repo_id, local_files_only=True)
+            except Exception as exc:
+                if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "yes"):
+                    raise ModelLoadError(
+                        f"{repo_id!r} is not in the local hub cache and HF_HUB_OFFLINE is set"
+                    ) from exc
+            why = _hub_unreachable()
+            if why is not None:
+                raise ModelLoadError(
+                    f"cannot load the SNAC model {repo_id!r}: it is not in the local hub "
+                    f"cache and the hub {why}. Download it once where the hub is reachable, "
+                    "or set vllm.snac_model to a directory with config.json and "
+                    "pytorch_model.bin"
+                )
         return SNAC.from_pretrained(repo_id, **hub_kwargs)
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load the SNAC model {repo_id!r} from the Hugging Face hub or its local "

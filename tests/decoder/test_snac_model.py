@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -44,19 +45,63 @@ def test_written_weights_are_reused(snac_weights: Path) -> None:
     assert (snac_weights / "pytorch_model.bin").stat().st_mtime_ns == before
 
 
-def test_hub_id_goes_through_from_pretrained_and_the_local_cache(
-    snac_weights: Path, tmp_path: Path
-) -> None:
-    # The Hugging Face cache layout, filled from the test weights: from_pretrained finds
-    # the files there with local_files_only, so nothing touches the network.
+def fill_hub_cache(cache: Path, repo_id: str, weights: Path) -> None:
+    """The Hugging Face cache layout for ``repo_id``, filled from the test weights."""
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "models--voicegw-test--snac-24khz"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     for name in ("config.json", "pytorch_model.bin"):
-        (snap / name).symlink_to(snac_weights / name)
+        (snap / name).symlink_to(weights / name)
+
+
+@pytest.fixture
+def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache and a hub endpoint that refuses connections (a closed loopback
+    port), so nothing can reach the network. Returns the cache directory."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return cache
+
+
+def test_hub_id_is_found_in_the_local_cache_without_the_network(
+    snac_weights: Path, no_hub: Path
+) -> None:
+    fill_hub_cache(no_hub, "voicegw-test/cached", snac_weights)
+    loaded = load_snac(settings("voicegw-test/cached"), demo=False)
+    assert loaded.source == "hub:voicegw-test/cached"
+    assert not loaded.random_weights
+
+
+def test_unreachable_hub_fails_at_once_naming_the_cause(no_hub: Path) -> None:
+    # huggingface_hub alone would retry for about 25 s before giving up.
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadError, match="unreachable") as info:
+        load_snac(settings("voicegw-test/absent"), demo=False)
+    assert time.monotonic() - t0 < 5
+    assert "not in the local hub cache" in info.value.message
+    loaded = load_snac(settings("voicegw-test/absent"), demo=True)
+    assert loaded.random_weights and "unreachable" in loaded.warnings[0]
+
+
+def test_hub_id_goes_through_from_pretrained_and_the_local_cache(
+    snac_weights: Path, tmp_path: Path
+) -> None:
+    # from_pretrained finds the files in the cache with local_files_only, so nothing
+    # touches the network.
+    fill_hub_cache(tmp_path, "voicegw-test/snac-24khz", snac_weights)
     loaded = load_snac(
         settings("voicegw-test/snac-24khz"),
         demo=False,
