@@ -9,10 +9,16 @@ the whole-utterance decode of the same codes. At the true start and end of a seg
 window simply stops there, because the whole-utterance decode sees the same boundary.
 
 Chunk sizes ramp up: the first chunk is small (``first_chunk_frames``) so that the first
-audio is early, then sizes double up to ``chunk_frames``, which keeps the context overhead
-low (at 8 frames a chunk, 6 context frames per 8 kept). Doubling rather than jumping
-straight to ``chunk_frames`` keeps the second and third chunks early too, so playback
-does not stall right after the first chunk while the model generates more codes.
+audio is early; after it each chunk is half the frames planned before it (at least one),
+up to ``chunk_frames``, which keeps the context overhead low (at 8 frames a chunk, 6
+context frames per 8 kept). The ramp is what keeps playback going while the model is
+only a little faster than real time: chunk ``k`` can be decoded once its frames have been
+generated, and must be by the time the audio of the chunks before it has played. With the
+model at ``s`` times real time the slack is ``S[k-1] - (S[k] - S[0]) / s`` frames of
+playback, ``S`` the running total of sizes. Half-the-total sizes (2, 1, 1, 2, 3, 4, 6, 8
+by default) keep at least 1.33 frames (114 ms) of slack at 1.5x, more at higher speeds;
+doubling (2, 4, 8) ran dry after the first and second chunks at 1.5x, audible gaps at the
+start of every segment that is generated just in time.
 
 Every frame is emitted exactly once: the kept ranges of a segment's chunks tile
 ``[0, F * 2048)`` in order, for F complete frames, however the frames arrive.
@@ -47,7 +53,7 @@ class ChunkPolicy:
     first_chunk_frames: int = 2
     """Frames in a segment's first chunk."""
     chunk_frames: int = 8
-    """Frames in later chunks (reached by doubling from ``first_chunk_frames``)."""
+    """Frames in later chunks (reached by a ramp from ``first_chunk_frames``)."""
     first_chunk_right_context: int = -1
     """Right context of the first chunk only; -1 means ``context_frames``. Less is earlier
     first audio at a small cost in accuracy at the end of the first chunk."""
@@ -75,13 +81,20 @@ class ChunkPolicy:
         )
 
     def size(self, index: int) -> int:
-        """Frames kept by chunk ``index``: the first size, then doubling up to ``chunk_frames``."""
+        """Frames kept by chunk ``index``: the first size, then half the frames planned so
+        far (at least one), up to ``chunk_frames``."""
+        first = self.first_chunk_frames
         if index == 0:
-            return self.first_chunk_frames
-        if self.first_chunk_frames >= self.chunk_frames:
+            return first
+        if first >= self.chunk_frames:
             return self.chunk_frames
-        # Doubling from the first size; the shift is capped so huge indices stay cheap.
-        return min(self.chunk_frames, self.first_chunk_frames << min(index, 16))
+        size, total = first, first
+        for _ in range(index):  # reaches chunk_frames in O(log chunk_frames) steps
+            size = min(self.chunk_frames, max(1, total // 2))
+            if size == self.chunk_frames:
+                break
+            total += size
+        return size
 
     def right_context(self, index: int) -> int:
         """Right context frames required before chunk ``index`` may be decoded."""

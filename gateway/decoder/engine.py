@@ -237,7 +237,12 @@ class SnacEngine:
         from gateway.core.chunker import Chunker
 
         ch = Chunker(policy)
-        n = policy.first_chunk_frames + 2 * policy.chunk_frames + 2 * policy.context_frames + 8
+        # Every shape of the ramp, then two full chunks (the first with a full left context).
+        k, n = 0, 0
+        while policy.size(k) < policy.chunk_frames:
+            n += policy.size(k)
+            k += 1
+        n += 2 * policy.chunk_frames + 2 * policy.context_frames + 8
         rng = np.random.default_rng(0)
         codes = [tuple(int(c) for c in row) for row in rng.integers(0, 4096, (n, 7))]
         plans = ch.feed(codes)

@@ -50,8 +50,25 @@ def run(policy: ChunkPolicy, total: int, splits: list[int]) -> tuple[list[ChunkP
 def test_default_policy_matches_decoder_settings() -> None:
     p = ChunkPolicy.from_settings(DecoderSettings())
     assert p == ChunkPolicy()
-    assert [p.size(k) for k in range(5)] == [2, 4, 8, 8, 8]
+    assert [p.size(k) for k in range(10)] == [2, 1, 1, 2, 3, 4, 6, 8, 8, 8]
     assert p.right_context(0) == 3
+
+
+@pytest.mark.parametrize("speed", [1.5, 2.0, 3.0])
+def test_the_ramp_keeps_just_in_time_playback_going_at_1_5x(speed: float) -> None:
+    # A segment generated just in time, by a model `speed` times faster than real time:
+    # chunk k is ready once its frames and right context are generated, counted from when
+    # the first chunk was; it is needed once the chunks before it have played. The slack
+    # must stay above a frame (85 ms) for the decode to happen in; doubling (2, 4, 8) had
+    # -0.67 and -2 frames at 1.5x: an audible gap early in every such segment.
+    p = ChunkPolicy()
+    total = [p.size(0)]
+    for k in range(1, 60):
+        total.append(total[-1] + p.size(k))
+        ready = (total[k] - total[0]) / speed
+        needed = total[k - 1]
+        assert needed - ready >= 1.33, (k, total)
+    assert max(p.size(k) for k in range(60)) == p.chunk_frames
 
 
 def test_first_chunk_waits_for_its_right_context() -> None:
@@ -68,18 +85,28 @@ def test_later_chunks_have_left_and_right_context() -> None:
     ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
     plans = ch.feed(frames(0, 40))
     spans = [(p.start, p.end, p.window_start, p.window_end) for p in plans]
-    assert spans[:4] == [(0, 2, 0, 5), (2, 6, 0, 9), (6, 14, 3, 17), (14, 22, 11, 25)]
-    p = plans[3]
-    assert p.frames == tuple(frames(11, 25))
+    assert spans[:9] == [
+        (0, 2, 0, 5),
+        (2, 3, 0, 6),
+        (3, 4, 0, 7),
+        (4, 6, 1, 9),
+        (6, 9, 3, 12),
+        (9, 13, 6, 16),
+        (13, 19, 10, 22),
+        (19, 27, 16, 30),
+        (27, 35, 24, 38),
+    ]
+    p = plans[7]
+    assert p.frames == tuple(frames(16, 30))
     assert (p.keep_start, p.keep_end) == (3 * 2048, 11 * 2048)
     assert (p.left_context, p.right_context, p.window_frames) == (3, 3, 14)
 
 
 def test_flush_emits_the_rest_up_to_the_true_end() -> None:
     ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
-    ch.feed(frames(0, 12))  # chunks [0,2) and [2,6); [6,14) needs 17 frames
+    ch.feed(frames(0, 12))  # chunks up to [6,9); [9,13) needs 16 frames
     [last] = ch.flush()
-    assert (last.start, last.end, last.window_start, last.window_end) == (6, 12, 3, 12)
+    assert (last.start, last.end, last.window_start, last.window_end) == (9, 12, 6, 12)
     assert ch.flush() == []
     assert ch.frames_needed == 0
 
@@ -102,9 +129,9 @@ def test_low_latency_first_chunk_uses_less_right_context() -> None:
     [p] = ch.feed(frames(0, 3))
     assert (p.start, p.end, p.window_end) == (0, 2, 3)
     # Later chunks are back to full context.
-    assert ch.feed(frames(3, 8)) == []
-    [q] = ch.feed(frames(8, 9))
-    assert (q.start, q.end, q.window_start, q.window_end) == (2, 6, 0, 9)
+    assert ch.feed(frames(3, 5)) == []
+    [q] = ch.feed(frames(5, 6))
+    assert (q.start, q.end, q.window_start, q.window_end) == (2, 3, 0, 6)
 
 
 def test_zero_context_emits_exact_multiples_without_a_flush_chunk() -> None:

@@ -116,11 +116,12 @@ def test_reduced_context_costs_measured_snr(
 
 
 def test_cutting_to_what_the_kept_samples_depend_on_is_exact(
-    snac_model: LoadedModel, engine: SnacEngine, utterance: tuple[list[Frame], np.ndarray]
+    snac_model: LoadedModel, engine: SnacEngine
 ) -> None:
-    frames, whole = utterance
+    frames = random_frames(32, seed=1)  # long enough for full-size chunks after the ramp
+    whole = decode_utterance(snac_model, frames)
     plans = plan_stream(frames, ChunkPolicy())
-    steady = plans[2]
+    steady = next(p for p in plans if p.end - p.start == ChunkPolicy().chunk_frames)
     # Latents: 12 context steps each side in the window, 10 needed.
     assert (steady.window_frames, engine.latent_span(steady)) == (14, (2, 54))
     uncut = SnacEngine(snac_model, trim=False)

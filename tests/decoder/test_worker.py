@@ -118,8 +118,9 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
         seen = order(engine, {1: "far", 2: "head"})
         # The far-ahead chunk already in hand finishes; then all of the head segment.
         assert seen[0] == ("far", 0)
-        assert [s for s, _ in seen[1 : 1 + 4]] == ["head"] * 4
-        assert all(s == "far" for s, _ in seen[5:])
+        # 20 frames are 7 chunks (2, 1, 1, 2, 3, 4, then the flushed 7).
+        assert [s for s, _ in seen[1 : 1 + 7]] == ["head"] * 7
+        assert all(s == "far" for s, _ in seen[8:])
     finally:
         await worker.stop()
 
@@ -145,16 +146,8 @@ async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
         engine.gate.set()
         await asyncio.gather(*readers)
         seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
-        assert seen == [
-            ("a", 0),
-            ("b", 0),
-            ("a", 1),
-            ("b", 1),
-            ("a", 2),
-            ("b", 2),
-            ("a", 3),
-            ("b", 3),
-        ]
+        # 17 frames are 7 chunks each (2, 1, 1, 2, 3, 4, then the flushed 4).
+        assert seen == [(x, k) for k in range(7) for x in "ab"]
     finally:
         await worker.stop()
 
@@ -179,7 +172,8 @@ async def test_set_runout_moves_a_session_ahead() -> None:
         engine.gate.set()
         await asyncio.gather(*readers)
         seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
-        assert seen == [("b", 0), ("b", 1), ("b", 2), ("a", 0), ("a", 1), ("a", 2)]
+        # 9 frames are 5 chunks each (2, 1, 1, 2, then the flushed 3).
+        assert seen == [("b", k) for k in range(5)] + [("a", k) for k in range(5)]
     finally:
         await worker.stop()
 
@@ -233,10 +227,10 @@ async def test_queue_overflow_fails_fast_and_the_stream_reports_it() -> None:
         s = worker.open_stream(session_id="s", turn=0, seq=0)
         s.push(frames(5))  # chunk 0, taken by the worker
         await until(engine.entered.is_set)
-        s.push(frames(9)[5:])  # chunk 1 waits in the queue
+        s.push(frames(6)[5:])  # chunk 1 waits in the queue
         other = worker.open_stream(session_id="t", turn=0, seq=0)
         with pytest.raises(BufferOverflowError, match="decode queue full"):
-            other.push(frames(9))  # two more chunks: one too many
+            other.push(frames(6))  # two more chunks: one too many
         assert worker.stats.rejected_jobs == 2
         engine.gate.set()
         with pytest.raises(BufferOverflowError):
@@ -323,13 +317,14 @@ async def test_stats_report_waits_decode_time_and_utilisation() -> None:
         s.end()
         await collect(s)
         st = worker.stats
-        assert st.jobs == 4 and st.queue_depth == 0 and st.streams == 0
+        # 17 frames are 7 chunks (2, 1, 1, 2, 3, 4, then the flushed 4).
+        assert st.jobs == 7 and st.queue_depth == 0 and st.streams == 0
         assert st.audio_seconds_total == pytest.approx(17 * 2048 / 24000)
-        assert st.decode_seconds_total >= 4 * 0.02
+        assert st.decode_seconds_total >= 7 * 0.02
         assert st.decode_seconds_per_audio_second > 0
         assert 0 < st.utilisation <= 1
         assert st.queue_wait_seconds_max >= 0.02  # later chunks waited for earlier ones
-        assert st.queue_wait_buckets[-1][1] == 4
+        assert st.queue_wait_buckets[-1][1] == 7
         assert worker.health().ready
     finally:
         await worker.stop()
