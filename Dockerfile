@@ -17,7 +17,8 @@ COPY gateway ./gateway
 RUN pip install .
 
 FROM python:${PYTHON_VERSION}-slim
-RUN useradd --create-home --uid 10001 voicegw
+RUN groupadd --gid 10001 voicegw \
+ && useradd --create-home --uid 10001 --gid 10001 voicegw
 COPY --from=build /opt/venv /opt/venv
 COPY web /app/web
 ENV PATH=/opt/venv/bin:$PATH \
@@ -25,7 +26,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VOICEGW_WEB_DIR=/app/web \
     VOICEGW_SERVER__HOST=0.0.0.0 \
     HF_HOME=/home/voicegw/.cache/huggingface
-USER voicegw
+USER 10001:10001
 WORKDIR /home/voicegw
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
