@@ -15,7 +15,7 @@ stream dropped (EOF or reset before end)    ``upstream_error``           yes
 no first token in ``timeout.first_token``   ``upstream_timeout``         yes
 gap over ``timeout.idle`` between tokens    ``upstream_timeout``         yes
 ``timeout.total`` exceeded                  ``upstream_timeout``         no
-HTTP 400 "maximum context length"           ``context_length``           no [1]
+HTTP 400 "maximum context length" [2]       ``context_length``           no [1]
 any other 4xx                               ``upstream_rejected``        no
 HTTP 500 and other 5xx                      ``upstream_error``           no
 error event inside the stream               by its ``code``, as above
@@ -24,6 +24,9 @@ invalid JSON / oversized event              ``upstream_error``           no
 
 [1] The pool handles it once by lowering ``max_tokens`` to fit (see
 :func:`fit_max_tokens`) before giving up.
+[2] Or "max_tokens=N cannot be greater than max_model_len=M" (vLLM 0.32, whatever the
+prompt); the pool avoids it by capping ``max_tokens`` at the ``max_model_len`` that
+``/v1/models`` reported.
 """
 
 from __future__ import annotations
@@ -177,6 +180,10 @@ class ContextInfo:
     max_model_len: int
     prompt_tokens: int | None
     requested: int | None
+    max_tokens_limit: int | None = None
+    """The most ``max_tokens`` the server accepts whatever the prompt: vLLM 0.32 refuses
+    ``max_tokens`` over ``max_model_len`` with a 400 (and below it lowers ``max_tokens`` to
+    what fits beside the prompt itself)."""
 
 
 _MAX_LEN_RE = re.compile(r"maximum context length is (\d+)")
@@ -186,12 +193,17 @@ _PROMPT_RES = (
     re.compile(r"request has (\d+) input tokens"),
     re.compile(r"(\d+) input tokens"),
 )
+_OVER_MAX_LEN_RE = re.compile(r"max_tokens=(\d+) cannot be greater than max_model_len=(\d+)")
 _REQUESTED_RE = re.compile(r"you requested (\d+) tokens")
 _COMPLETION_RE = re.compile(r"(\d+) in the completion")
 
 
 def parse_context_error(message: str) -> ContextInfo | None:
     """Parse vLLM's context-length 400 (legacy and current wordings), or ``None``."""
+    over = _OVER_MAX_LEN_RE.search(message)
+    if over is not None:
+        limit = int(over.group(2))
+        return ContextInfo(limit, None, int(over.group(1)), max_tokens_limit=limit)
     m = _MAX_LEN_RE.search(message)
     if m is None:
         return None
@@ -213,7 +225,7 @@ def parse_context_error(message: str) -> ContextInfo | None:
 def fit_max_tokens(info: ContextInfo) -> int | None:
     """The largest ``max_tokens`` that fits beside the prompt, or ``None`` if none does."""
     if info.prompt_tokens is None:
-        return None
+        return info.max_tokens_limit
     room = info.max_model_len - info.prompt_tokens
     return room if room >= 1 else None
 
@@ -247,7 +259,7 @@ class ContextTooLong(ContextLengthError):
 def _classify(
     status: int | None, msg: str, what: str, retry_after: float | None = None
 ) -> UpstreamError:
-    if status == 400 and "maximum context length" in msg:
+    if status == 400 and ("maximum context length" in msg or _OVER_MAX_LEN_RE.search(msg)):
         return ContextTooLong(
             f"segment does not fit the model's context: {msg}", parse_context_error(msg)
         )

@@ -31,7 +31,9 @@ subclasses from the iteration; :attr:`Synthesis.result` always holds the figures
 with exponential backoff and jitter, never past ``timeout.total`` (measured from the
 first request, queue wait excluded), re-queued with their urgency, and preferably on a
 different endpoint. A context-length 400 is fitted once: ``max_tokens`` is lowered to
-what the error says fits and the request is sent again at once.
+what the error says fits and the request is sent again at once. ``max_tokens`` is never
+sent above the endpoint's ``max_model_len`` (learnt from ``/v1/models``), which vLLM
+refuses outright.
 
 **Endpoints.** ``eject_after_failures`` consecutive endpoint failures eject an endpoint
 for ``eject_cooldown_ms``; then ``GET /v1/models`` is probed until it answers, and the
@@ -560,6 +562,11 @@ class Synthesis:
                 pool._health[ep].requests += 1
                 fig.endpoint = client.name
                 body = build_body(s, req, max_tokens=max_tokens)
+                limit = pool._health[ep].max_model_len
+                if limit is not None and body["max_tokens"] > limit:
+                    # vLLM refuses max_tokens over max_model_len (400) whatever the prompt;
+                    # up to it, current vLLM lowers max_tokens to fit beside the prompt.
+                    body["max_tokens"] = limit
                 fig.max_tokens = body["max_tokens"]
                 parser = TokenParser()
                 frames_out = 0

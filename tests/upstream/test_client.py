@@ -204,6 +204,11 @@ NEWER = (
     "context length is 4096 tokens and your request has 300 input tokens (5000 > 4096 - 300)."
 )
 
+OVER_MAX_LEN = (
+    "max_tokens=5000 cannot be greater than max_model_len=4096. Please request fewer output "
+    "tokens. (parameter=max_tokens, value=5000)"
+)
+
 
 def test_context_error_parsing_and_fitting() -> None:
     legacy = parse_context_error(LEGACY)
@@ -222,6 +227,10 @@ def test_context_error_parsing_and_fitting() -> None:
     assert only == ContextInfo(100, 30, 150)
     assert parse_context_error("something else") is None
     assert fit_max_tokens(ContextInfo(100, None, None)) is None
+    # vLLM 0.32: max_tokens alone over max_model_len, whatever the prompt.
+    over = parse_context_error(OVER_MAX_LEN)
+    assert over == ContextInfo(4096, None, 5000, max_tokens_limit=4096)
+    assert fit_max_tokens(over) == 4096
 
 
 @pytest.mark.parametrize(
@@ -248,7 +257,8 @@ def test_status_taxonomy(status: int, code: ErrorCode, transient: bool) -> None:
 def test_context_length_400_is_recognised_in_both_shapes() -> None:
     e1 = status_error(400, {"object": "error", "message": LEGACY, "code": 400}, b"", None)
     e2 = status_error(400, {"error": {"message": MODERN, "code": 400}}, b"", None)
-    for e in (e1, e2):
+    e3 = status_error(400, {"error": {"message": OVER_MAX_LEN, "code": 400}}, b"", None)
+    for e in (e1, e2, e3):
         assert isinstance(e, ContextTooLong) and isinstance(e, ContextLengthError)
         assert e.code is ErrorCode.CONTEXT_LENGTH and not e.transient
         assert not counts_against_endpoint(e)

@@ -104,14 +104,17 @@ class Upstream:
         self.requests: list[httpx.Request] = []
         self.bodies: list[Body] = []
         self.models_ok: dict[str, bool] = {}
+        self.max_model_len: int | None = 4096
+        """What ``/v1/models`` reports (``None``: left out, as some servers do)."""
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             if not self.models_ok.get(request.url.host, True):
                 raise httpx.ConnectError("refused", request=request)
-            return httpx.Response(
-                200, json={"data": [{"id": "canopylabs/orpheus-3b-0.1-ft", "max_model_len": 4096}]}
-            )
+            model: dict[str, Any] = {"id": "canopylabs/orpheus-3b-0.1-ft"}
+            if self.max_model_len is not None:
+                model["max_model_len"] = self.max_model_len
+            return httpx.Response(200, json={"data": [model]})
         self.requests.append(request)
         r = self.replies.pop(0) if self.replies else self.default
         if r is None:
@@ -340,6 +343,42 @@ async def test_legacy_context_error_fits_max_tokens_once() -> None:
         up.replies = [httpx.Response(400, json=legacy), httpx.Response(400, json=legacy)]
         with pytest.raises(ContextLengthError, match="still too long after lowering max_tokens"):
             await collect(pool.synthesize(req(1)))
+
+
+async def test_max_tokens_over_max_model_len_is_capped_or_fitted() -> None:
+    """vLLM 0.32 refuses max_tokens over max_model_len with a 400 whatever the prompt. The
+    pool caps max_tokens at the max_model_len /v1/models reported; where that is unknown,
+    the 400 is fitted once like any context-length error."""
+    over = {
+        "error": {
+            "message": "max_tokens=5000 cannot be greater than max_model_len=4096. Please "
+            "request fewer output tokens. (parameter=max_tokens, value=5000)",
+            "type": "BadRequestError",
+            "param": "max_tokens",
+            "code": 400,
+        }
+    }
+    up = Upstream(stream_response(good_stream(1)))
+    pool, _, _ = make_pool(up, settings(max_tokens=5000))
+    async with pool:
+        frames, events = await collect(syn := pool.synthesize(req()))
+        # Below the cap the request's own max_tokens is kept.
+        await collect(pool.synthesize(req(1, max_tokens=300)))
+    assert [b["max_tokens"] for b in up.bodies_sent()] == [4096, 300]
+    assert frames == [frame(0)] and not any(isinstance(e, Restart) for e in events)
+    assert syn.result is not None and syn.result.max_tokens == 4096
+    assert not syn.result.context_fitted
+
+    up = Upstream(httpx.Response(400, json=over), stream_response(good_stream(1)))
+    up.max_model_len = None
+    pool, _, sleeper = make_pool(up, settings(max_tokens=5000))
+    async with pool:
+        frames, events = await collect(syn := pool.synthesize(req()))
+        assert [b["max_tokens"] for b in up.bodies_sent()] == [5000, 4096]
+        assert frames == [frame(0)] and sleeper.delays == []
+        assert isinstance(events[0], Restart) and events[0].code == "context_length"
+        assert syn.result is not None and syn.result.context_fitted
+        assert pool.snapshot().context_fits == 1 and pool.snapshot().retries == 0
 
 
 async def test_prompt_alone_too_long_fails_at_once() -> None:
