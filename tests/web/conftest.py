@@ -1,9 +1,13 @@
-"""Fixtures for the browser tests: a gateway to talk to and Debian's chromium to drive.
+"""Fixtures for the browser tests: the real gateway to talk to, Debian's chromium to drive.
 
-``gateway_url`` is the one seam between these tests and the server under test. It runs
-the protocol-faithful mock in ``mock_gateway.py`` (audio at 1.5x real time), or the
-gateway named by ``$VOICEGW_WEB_GATEWAY``; pointing it at the real gateway plus the fake
-vLLM changes nothing else here.
+``gateway_url`` serves the real application (``create_app`` with ``real_services``: the
+upstream pool, the SNAC decode worker, the session pipeline, the chat LLM client) on
+loopback, against the fake vLLM streaming audio tokens at 1.5x real time. SNAC has the
+real 24 kHz architecture with seeded random weights (no download), so the audio is noise,
+but every sample of it went through the production decoder and pipeline. Chat goes to the
+fake's ``/v1/chat/completions``, wired as ``voicegw serve --demo`` wires it.
+``$VOICEGW_WEB_GATEWAY`` (and ``$VOICEGW_WEB_KEYED_GATEWAY`` + ``$VOICEGW_WEB_KEY``) run
+the tests against gateways that are already running instead.
 
 Chromium is Debian's (``/usr/bin/chromium``), installed by ``scripts/install_chromium``
 when missing; ``playwright install`` is never used (it downloads browsers). Every test
@@ -16,20 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from tests.web.mock_gateway import MockOptions, create_app
+from gateway.config import Settings, load_settings
+from gateway.fake_vllm import FakeVLLMOptions
+from gateway.server.app import create_app
+from gateway.server.services import real_services
+from gateway.serving import serve_asgi
+from gateway.testing import FakeVLLMThread, RunningFake
+from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
+from tests.conftest_snac import snac_weights  # noqa: F401  (a fixture used below)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+WEB_DIR = REPO_ROOT / "web"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -43,44 +52,79 @@ CHROMIUM_ARGS = [
 ]
 TEST_KEY = "test-key-123"
 
-
-@contextlib.contextmanager
-def serve_app(app: Any) -> Iterator[str]:
-    """Run an ASGI app with uvicorn on a free port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        lifespan="off",
-        # The sans-I/O websockets implementation: the legacy one warns on import, and
-        # warnings are errors in this suite.
-        ws="websockets-sansio",
-        timeout_graceful_shutdown=2,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=lambda: asyncio.run(server.serve(sockets=[sock])), name="web-gateway", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+REAL_TIME_TOKENS_PER_S = 7 * SAMPLE_RATE / SAMPLES_PER_FRAME
+"""Audio tokens per second that make exactly real-time speech (7 per 85.33 ms, ~82)."""
+SPEED = 1.5
+"""The fake vLLM generates audio this many times faster than it plays."""
 
 
 @pytest.fixture(scope="session")
-def gateway_url() -> Iterator[str]:
-    """Base URL of a gateway serving the page at ``/`` and ``/v1/tts/stream``.
+def fake_vllm() -> Iterator[RunningFake]:
+    """The fake vLLM on loopback, at 1.5x real time, serving TTS and chat."""
+    options = FakeVLLMOptions(tokens_per_second=SPEED * REAL_TIME_TOKENS_PER_S, first_token_ms=40.0)
+    with FakeVLLMThread(options) as fake:
+        yield fake
+
+
+def gateway_settings(fake: RunningFake, weights: Path, **extra: Any) -> Settings:
+    """Production defaults (segmenter, decoder, limits), pointed at the fake for TTS and,
+    like ``--demo``, for chat under the TTS model's name."""
+    overrides: dict[str, Any] = {
+        "vllm.host": fake.host,
+        "vllm.port": fake.port,
+        "vllm.snac_model": str(weights),
+        "vllm.snac_device": "cpu",
+        "gateway.llm.base_url": fake.base_url + "/v1",
+        "gateway.llm.model": FakeVLLMOptions().model,
+        "gateway.auth.api_keys_env": "",
+    }
+    overrides.update(extra)
+    return load_settings(env={}, overrides=overrides)
+
+
+@contextlib.contextmanager
+def serve_gateway(settings: Settings) -> Iterator[str]:
+    """The real gateway, served from its own thread and event loop; yields its base URL."""
+    app = create_app(settings, real_services, web_dir=WEB_DIR)
+    ready = threading.Event()
+    url: list[str] = []
+    errors: list[BaseException] = []
+    loop: asyncio.AbstractEventLoop | None = None
+    stop: asyncio.Event | None = None
+
+    async def main() -> None:
+        nonlocal loop, stop
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        async with serve_asgi(app) as served:
+            url.append(served.http_url)
+            ready.set()
+            await stop.wait()
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # handed to the test thread below
+            errors.append(exc)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=run, name="web-gateway", daemon=True)
+    thread.start()
+    if not ready.wait(60) or not url:
+        raise RuntimeError("the gateway did not start") from (errors[0] if errors else None)
+    try:
+        yield url[0]
+    finally:
+        assert loop is not None and stop is not None
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def gateway_url(fake_vllm: RunningFake, snac_weights: Path) -> Iterator[str]:  # noqa: F811
+    """Base URL of the real gateway: the page at ``/``, the protocol at ``/v1/tts/stream``.
 
     ``VOICEGW_WEB_GATEWAY=http://host:port`` runs the tests against a gateway that is
     already running (a dev server, ``voicegw serve --demo``) instead.
@@ -89,19 +133,23 @@ def gateway_url() -> Iterator[str]:
     if external:
         yield external.rstrip("/")
         return
-    with serve_app(create_app(MockOptions(speed=1.5))) as url:
+    with serve_gateway(gateway_settings(fake_vllm, snac_weights)) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def keyed_gateway_url() -> Iterator[tuple[str, str]]:
-    """A gateway that requires an access key, and that key
+def keyed_gateway_url(
+    fake_vllm: RunningFake,
+    snac_weights: Path,  # noqa: F811
+) -> Iterator[tuple[str, str]]:
+    """The real gateway requiring an access key, and that key
     (``$VOICEGW_WEB_KEYED_GATEWAY`` and ``$VOICEGW_WEB_KEY`` name a running one)."""
     external = os.environ.get("VOICEGW_WEB_KEYED_GATEWAY")
     if external:
         yield external.rstrip("/"), os.environ["VOICEGW_WEB_KEY"]
         return
-    with serve_app(create_app(MockOptions(speed=1.5, keys=(TEST_KEY,)))) as url:
+    settings = gateway_settings(fake_vllm, snac_weights, **{"gateway.auth.api_keys": [TEST_KEY]})
+    with serve_gateway(settings) as url:
         yield url, TEST_KEY
 
 
