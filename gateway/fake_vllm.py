@@ -141,6 +141,9 @@ class FakeVLLMOptions:
     api_key: str = ""
     """When set, requests must carry ``Authorization: Bearer <api_key>`` (vLLM ``--api-key``)."""
     chat_tokens_per_second: float = 40.0
+    jitter: float = 0.0
+    """0..1: per-stream spread of prefill time and token rate, plus random pauses, so that
+    parallel streams finish out of order (as on a busy GPU). 0 keeps the pacing exact."""
     fragment_writes: bool = False
     """Cut each write at random byte offsets, to exercise clients' SSE reassembly."""
     faults: Faults = field(default_factory=Faults)
@@ -568,12 +571,17 @@ class FakeVLLM:
         sent = 0
         try:
             delay = o.first_token_ms / 1000
+            tps = o.tokens_per_second
+            jit = min(max(o.jitter, 0.0), 1.0)
+            if jit:
+                delay *= rng.uniform(1 - jit, 1 + 3 * jit)
+                tps *= rng.uniform(max(0.2, 1 - jit), 1 + jit)
+            pause = 0.0
             if fault is not None and fault.kind == "slow_first_token":
                 delay += fault.seconds
             start = loop.time() + delay
             if delay > 0:
                 await asyncio.sleep(delay)
-            tps = o.tokens_per_second
             buf: list[bytes] = []
             buffered = 0
             i = 0
@@ -605,7 +613,9 @@ class FakeVLLM:
                     buf.append(head + group.encode() + tail)
                 buffered += 1
                 if tps > 0:
-                    due = start + i / tps
+                    if jit and rng.random() < jit / 20:
+                        pause += rng.uniform(0, 10 / tps)  # a scheduling hiccup
+                    due = start + i / tps + pause
                     now = loop.time()
                     if due > now:
                         await self._write(send, b"".join(buf), rng)
@@ -1092,6 +1102,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-key", default="", help="require this bearer token")
     p.add_argument("--chat-tokens-per-second", type=float, default=d.chat_tokens_per_second)
+    p.add_argument("--jitter", type=float, default=d.jitter, help="0..1 pacing spread")
     p.add_argument("--fragment-writes", action="store_true")
     g = p.add_argument_group("fault injection (probabilities per request)")
     g.add_argument("--error-rate", type=float, default=fd.error_rate)
@@ -1137,6 +1148,7 @@ def options_from_args(ns: argparse.Namespace) -> FakeVLLMOptions:
         api_key=ns.api_key,
         chat_tokens_per_second=ns.chat_tokens_per_second,
         fragment_writes=ns.fragment_writes,
+        jitter=ns.jitter,
         faults=Faults(
             error_rate=ns.error_rate,
             error_status=ns.error_status,
