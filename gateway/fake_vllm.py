@@ -23,8 +23,10 @@ text. Llama-3 averages about four bytes per token on English, which is all a tes
 
 **Context length** follows modern vLLM by default: ``prompt + max_tokens`` over
 ``max_model_len`` is not an error, ``max_tokens`` is lowered silently and the stream ends
-with ``finish_reason: "length"``; only a prompt that alone fills the context gets a 400.
-``legacy_context_errors`` restores the older 400 for ``prompt + max_tokens`` too.
+with ``finish_reason: "length"``; only a prompt that alone fills the context gets a 400,
+and so does ``max_tokens`` alone over ``max_model_len`` (vLLM 0.32's "max_tokens=N cannot
+be greater than max_model_len"). ``legacy_context_errors`` restores the older 400 for
+``prompt + max_tokens`` too.
 
 **Scheduling.** At most ``max_num_seqs`` streams generate at once; later ones wait (their
 headers are sent at once, as vLLM does, so the wait shows up as time to first token).
@@ -421,6 +423,15 @@ class FakeVLLM:
                 400, f"max_tokens must be at least 1, got {max_tokens}.", "BadRequestError"
             )
         o = self.options
+        if max_tokens is not None and max_tokens > o.max_model_len and not o.legacy_context_errors:
+            # vLLM 0.32 refuses this outright, whatever the prompt.
+            self._c["rejected"] += 1
+            return _error(
+                400,
+                f"max_tokens={max_tokens} cannot be greater than max_model_len="
+                f"{o.max_model_len}. Please request fewer output tokens.",
+                "BadRequestError",
+            )
         n_prompt = count_prompt_tokens(prompt)
         if n_prompt >= o.max_model_len:
             self._c["context_errors"] += 1

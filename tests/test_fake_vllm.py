@@ -209,11 +209,11 @@ async def test_modern_context_handling() -> None:
     async with run_fake_vllm(opts) as fake, httpx.AsyncClient(base_url=fake.base_url) as c:
         prompt_tokens = count_prompt_tokens(build_prompt("tara", TEXT))
         # prompt + max_tokens over the limit: lowered silently, ends with "length".
-        events, _ = await sse_events(c, body(max_tokens=1200))
+        events, _ = await sse_events(c, body(max_tokens=99))
         assert orjson.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         assert completion_text(events).count("<custom_token_") == 100 - prompt_tokens
         # A prompt that alone is too long: 400 in vLLM's current error shape.
-        r = await c.post("/v1/completions", json=body(text="word " * 400))
+        r = await c.post("/v1/completions", json=body(text="word " * 400, max_tokens=50))
         assert r.status_code == 400
         err = r.json()["error"]
         assert err["type"] == "BadRequestError" and err["param"] == "input_tokens"
@@ -221,6 +221,13 @@ async def test_modern_context_handling() -> None:
         assert err["message"].startswith(
             "This model's maximum context length is 100 tokens. However, your prompt "
             "contains at least "
+        )
+        # max_tokens alone over max_model_len: refused whatever the prompt (vLLM 0.32).
+        r = await c.post("/v1/completions", json=body(max_tokens=1200))
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == (
+            "max_tokens=1200 cannot be greater than max_model_len=100. "
+            "Please request fewer output tokens."
         )
 
 
