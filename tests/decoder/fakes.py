@@ -37,7 +37,9 @@ class FakeEngine:
         *,
         delay: float = 0.0,
         fail: Callable[[ChunkPlan], bool] | None = None,
+        max_stack: int = 1024,
     ) -> None:
+        self.max_stack = max_stack
         self.batches: list[list[tuple[tuple[Frame, ...], int]]] = []
         self.gate = threading.Event()
         self.gate.set()

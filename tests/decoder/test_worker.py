@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.config import DecoderSettings
-from gateway.decoder.engine import decode_utterance, snr_db
+from gateway.decoder.engine import SnacEngine, decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
 from gateway.decoder.worker import DecodeStream, DecodeWorker
 from gateway.errors import BufferOverflowError, DecoderError, ModelLoadError
@@ -121,6 +121,36 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
         # 20 frames are 7 chunks (2, 1, 1, 2, 3, 4, then the flushed 7).
         assert [s for s, _ in seen[1 : 1 + 7]] == ["head"] * 7
         assert all(s == "far" for s, _ in seen[8:])
+    finally:
+        await worker.stop()
+
+
+async def test_one_pass_at_a_time_lets_an_urgent_job_in_between() -> None:
+    # On CPU one window is decoded per pass: the worker must not take a whole group of
+    # far-ahead windows at once, or the head segment's next chunk waits behind all of them.
+    engine = FakeEngine(max_stack=1)
+    worker = await started(engine, max_batch=16)
+    try:
+        engine.gate.clear()  # the worker will sit in its first decode
+        fars = [
+            worker.open_stream(session_id=f"f{i}", turn=0, seq=1, deadline=100.0 + i)
+            for i in range(4)
+        ]
+        head = worker.open_stream(session_id="h", turn=0, seq=0, deadline=5.0)
+        readers = [asyncio.create_task(collect(s)) for s in [*fars, head]]
+        for i, f in enumerate(fars):
+            f.push(frames(5, salt=10 + i))  # one first chunk each, all the same shape
+        await until(engine.entered.is_set)
+        head.push(frames(5, salt=99))  # the same shape too, but urgent
+        for st in [*fars, head]:
+            st.end()
+        engine.gate.set()
+        await asyncio.gather(*readers)
+        names = {10 + i: f"far{i}" for i in range(len(fars))} | {99: "head"}
+        first = [name for name, _ in order(engine, names)[:2]]
+        # The far-ahead window already in hand finishes; the head's comes next.
+        assert first[0].startswith("far") and first[1] == "head"
+        assert all(len(b) == 1 for b in engine.batches)
     finally:
         await worker.stop()
 
@@ -335,7 +365,9 @@ async def test_stats_report_waits_decode_time_and_utilisation() -> None:
 
 @pytest.fixture
 async def real_worker(snac_model: LoadedModel) -> AsyncIterator[DecodeWorker]:
-    worker = DecodeWorker(snac_model, DecoderSettings(max_batch=4, threads=1))
+    # Stacked passes (as on GPU) even on CPU, so batching is really exercised.
+    engine = SnacEngine(snac_model, max_stack=4)
+    worker = DecodeWorker(snac_model, DecoderSettings(max_batch=4, threads=1), engine=engine)
     await worker.start()
     try:
         yield worker
@@ -367,11 +399,14 @@ async def test_worker_output_is_exact_and_batching_changes_nothing(
         got = np.frombuffer(pcm, dtype="<i2")
         assert got.shape == (len(fs) * SAMPLES_PER_FRAME,)
         assert snr_db(decode_utterance(snac_model, fs), got) >= 70.0
-        # Batched with another session equals decoding the session alone.
+        # Batched with another session equals decoding the session alone, up to the
+        # 1 LSB that different GEMM kernels for different batch shapes may round apart.
         alone = real_worker.open_stream(session_id="alone", turn=0, seq=0)
         alone.push(fs)
         alone.end()
-        assert await collect(alone) == pcm
+        solo = np.frombuffer(await collect(alone), dtype="<i2").astype(np.int32)
+        diff = np.abs(solo - got.astype(np.int32))
+        assert int(diff.max()) <= 1 and np.count_nonzero(diff) <= got.size // 100
 
 
 async def test_event_loop_stays_responsive_while_the_worker_decodes(
