@@ -137,6 +137,9 @@ class DecoderSettings:
     first_chunk_frames: int = _f(2, lo=1, hi=64, doc="frames in a segment's first chunk")
     chunk_frames: int = _f(8, lo=1, hi=256, doc="frames in later chunks")
     first_chunk_right_context: int = _f(-1, lo=-1, hi=16, doc="-1 = context_frames")
+    ramp_speed: float = _f(
+        1.3, lo=1.01, hi=100.0, doc="slowest upstream speed (x real time) kept gap-free"
+    )
     max_batch: int = _f(16, lo=1, hi=1024, doc="windows per batched decode")
     max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")
     queue_size: int = _f(4096, lo=1, hi=1_000_000, doc="pending decode jobs, all sessions")

@@ -9,16 +9,14 @@ the whole-utterance decode of the same codes. At the true start and end of a seg
 window simply stops there, because the whole-utterance decode sees the same boundary.
 
 Chunk sizes ramp up: the first chunk is small (``first_chunk_frames``) so that the first
-audio is early; after it each chunk is half the frames planned before it (at least one),
-up to ``chunk_frames``, which keeps the context overhead low (at 8 frames a chunk, 6
-context frames per 8 kept). The ramp is what keeps playback going while the model is
-only a little faster than real time: chunk ``k`` can be decoded once its frames have been
-generated, and must be by the time the audio of the chunks before it has played. With the
-model at ``s`` times real time the slack is ``S[k-1] - (S[k] - S[0]) / s`` frames of
-playback, ``S`` the running total of sizes. Half-the-total sizes (2, 1, 1, 2, 3, 4, 6, 8
-by default) keep at least 1.33 frames (114 ms) of slack at 1.5x, more at higher speeds;
-doubling (2, 4, 8) ran dry after the first and second chunks at 1.5x, audible gaps at the
-start of every segment that is generated just in time.
+audio is early; after it chunks start at one frame and grow geometrically up to
+``chunk_frames``, which keeps the context overhead low (at 8 frames a chunk, 6 context
+frames per 8 kept). The ramp is what keeps playback going while the model is only a
+little faster than real time: each chunk must be decoded by the time the audio before it
+has played, and its codes arrive only as fast as the model generates them. The growth is
+set by ``ramp_speed``, the slowest generation speed it must keep gap-free (see
+``ChunkPolicy.size``). Doubling (2, 4, 8) ran dry after the first and second chunks even at
+1.5x real time: audible gaps at the start of every segment generated just in time.
 
 Every frame is emitted exactly once: the kept ranges of a segment's chunks tile
 ``[0, F * 2048)`` in order, for F complete frames, however the frames arrive.
@@ -28,6 +26,7 @@ This module is a Sans-I/O core: pure, synchronous, no torch and no numpy.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +56,9 @@ class ChunkPolicy:
     first_chunk_right_context: int = -1
     """Right context of the first chunk only; -1 means ``context_frames``. Less is earlier
     first audio at a small cost in accuracy at the end of the first chunk."""
+    ramp_speed: float = 1.3
+    """The slowest generation speed (multiples of real time) at which the ramp still keeps
+    a segment generated just in time playing: see :meth:`size`."""
 
     def __post_init__(self) -> None:
         if self.context_frames < 0:
@@ -65,6 +67,8 @@ class ChunkPolicy:
             raise ValueError(f"first_chunk_frames must be >= 1, got {self.first_chunk_frames}")
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if not 1.0 < self.ramp_speed <= 100.0:
+            raise ValueError(f"ramp_speed must be in (1, 100], got {self.ramp_speed}")
         if self.first_chunk_right_context < -1:
             raise ValueError(
                 f"first_chunk_right_context must be >= -1, got {self.first_chunk_right_context}"
@@ -78,19 +82,31 @@ class ChunkPolicy:
             first_chunk_frames=settings.first_chunk_frames,
             chunk_frames=settings.chunk_frames,
             first_chunk_right_context=settings.first_chunk_right_context,
+            ramp_speed=settings.ramp_speed,
         )
 
     def size(self, index: int) -> int:
-        """Frames kept by chunk ``index``: the first size, then half the frames planned so
-        far (at least one), up to ``chunk_frames``."""
+        """Frames kept by chunk ``index``.
+
+        A segment generated just in time at ``r = ramp_speed`` times real time: chunk
+        ``k`` can be decoded once its frames (and the same right context as the first
+        chunk's) are generated, ``(S[k] - S[0]) / r`` frame times after the first chunk
+        could; it must play once the chunks before it have, ``S[k-1]`` frame times after
+        the first chunk started (``S`` the running total of sizes). Keeping one frame time
+        of slack for the decode itself gives ``size[k] <= S[0] + (r - 1) * S[k-1] - r``:
+        sizes grow geometrically, by ``r - 1`` of the total so far, from one frame up to
+        ``chunk_frames``. (At 1.3, the default: 2, 1, 1, 1, 2, 2, 3, 4, 5, 7, 8.) The
+        client's prebuffer comes on top of that slack.
+        """
         first = self.first_chunk_frames
         if index == 0:
             return first
-        if first >= self.chunk_frames:
+        if first >= self.chunk_frames:  # no ramp asked for: every chunk the same size
             return self.chunk_frames
+        r = self.ramp_speed
         size, total = first, first
         for _ in range(index):  # reaches chunk_frames in O(log chunk_frames) steps
-            size = min(self.chunk_frames, max(1, total // 2))
+            size = min(self.chunk_frames, max(1, math.floor(first + (r - 1) * total - r)))
             if size == self.chunk_frames:
                 break
             total += size

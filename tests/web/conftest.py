@@ -74,6 +74,9 @@ def gateway_settings(fake: RunningFake, weights: Path, **extra: Any) -> Settings
         "vllm.port": fake.port,
         "vllm.snac_model": str(weights),
         "vllm.snac_device": "cpu",
+        # One intra-op thread: on a 2-core machine torch's default (one per core) makes
+        # the decoder spin on both cores against Chromium's audio and main threads.
+        "gateway.decoder.threads": 1,
         "gateway.llm.base_url": fake.base_url + "/v1",
         "gateway.llm.model": FakeVLLMOptions().model,
         "gateway.auth.api_keys_env": "",
