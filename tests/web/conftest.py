@@ -1,8 +1,9 @@
 """Fixtures for the browser tests: the real gateway to talk to, Debian's chromium to drive.
 
-``gateway_url`` serves the real application (``create_app`` with ``real_services``: the
-upstream pool, the SNAC decode worker, the session pipeline, the chat LLM client) on
-loopback, against the fake vLLM streaming audio tokens at 1.5x real time. SNAC has the
+``gateway_url`` runs the real gateway (``voicegw serve``: the upstream pool, the SNAC
+decode worker, the session pipeline, the chat LLM client) on loopback, against the fake
+vLLM (``voicegw fake-vllm``) streaming audio tokens at 1.5x real time, each in its own
+process, as deployed. SNAC has the
 real 24 kHz architecture with seeded random weights (no download), so the audio is noise,
 but every sample of it went through the production decoder and pipeline. Chat goes to the
 fake's ``/v1/chat/completions``, wired as ``voicegw serve --demo`` wires it.
@@ -17,23 +18,21 @@ Output (the screenshots) goes to ``$VOICEGW_TEST_OUTPUT`` or ``test-output/web``
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
+import signal
+import socket
 import subprocess
-import threading
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import Settings, load_settings
 from gateway.fake_vllm import FakeVLLMOptions
-from gateway.server.app import create_app
-from gateway.server.services import real_services
-from gateway.serving import serve_asgi
-from gateway.testing import FakeVLLMThread, RunningFake
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
 from tests.conftest_snac import snac_weights  # noqa: F401  (a fixture used below)
 
@@ -58,75 +57,101 @@ SPEED = 1.5
 """The fake vLLM generates audio this many times faster than it plays."""
 
 
-@pytest.fixture(scope="session")
-def fake_vllm() -> Iterator[RunningFake]:
-    """The fake vLLM on loopback, at 1.5x real time, serving TTS and chat."""
-    options = FakeVLLMOptions(tokens_per_second=SPEED * REAL_TIME_TOKENS_PER_S, first_token_ms=40.0)
-    with FakeVLLMThread(options) as fake:
-        yield fake
-
-
-def gateway_settings(fake: RunningFake, weights: Path, **extra: Any) -> Settings:
-    """Production defaults (segmenter, decoder, limits), pointed at the fake for TTS and,
-    like ``--demo``, for chat under the TTS model's name."""
-    overrides: dict[str, Any] = {
-        "vllm.host": fake.host,
-        "vllm.port": fake.port,
-        "vllm.snac_model": str(weights),
-        "vllm.snac_device": "cpu",
-        # One intra-op thread: on a 2-core machine torch's default (one per core) makes
-        # the decoder spin on both cores against Chromium's audio and main threads.
-        "gateway.decoder.threads": 1,
-        "gateway.llm.base_url": fake.base_url + "/v1",
-        "gateway.llm.model": FakeVLLMOptions().model,
-        "gateway.auth.api_keys_env": "",
-    }
-    overrides.update(extra)
-    return load_settings(env={}, overrides=overrides)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
-def serve_gateway(settings: Settings) -> Iterator[str]:
-    """The real gateway, served from its own thread and event loop; yields its base URL."""
-    app = create_app(settings, real_services, web_dir=WEB_DIR)
-    ready = threading.Event()
-    url: list[str] = []
-    errors: list[BaseException] = []
-    loop: asyncio.AbstractEventLoop | None = None
-    stop: asyncio.Event | None = None
-
-    async def main() -> None:
-        nonlocal loop, stop
-        loop, stop = asyncio.get_running_loop(), asyncio.Event()
-        async with serve_asgi(app) as served:
-            url.append(served.http_url)
-            ready.set()
-            await stop.wait()
-
-    def run() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # handed to the test thread below
-            errors.append(exc)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=run, name="web-gateway", daemon=True)
-    thread.start()
-    if not ready.wait(60) or not url:
-        raise RuntimeError("the gateway did not start") from (errors[0] if errors else None)
+def _process(name: str, cmd: list[str], ready_url: str, logs: Path) -> Iterator[None]:
+    """Run ``cmd`` until the block ends; wait until ``ready_url`` answers 200 first."""
+    log = logs / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     try:
-        yield url[0]
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({proc.returncode}):\n{log.read_text()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(ready_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield
     finally:
-        assert loop is not None and stop is not None
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
-        if errors:
-            raise errors[0]
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @pytest.fixture(scope="session")
-def gateway_url(fake_vllm: RunningFake, snac_weights: Path) -> Iterator[str]:  # noqa: F811
+def fake_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The fake vLLM at 1.5x real time, serving TTS and chat, in its own process; yields
+    its base URL."""
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "gateway", "fake-vllm", "--port", str(port),
+        "--tokens-per-second", str(SPEED * REAL_TIME_TOKENS_PER_S), "--first-token-ms", "40",
+        "--log-level", "warning",
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with _process("fake-vllm", cmd, url + "/health", tmp_path_factory.mktemp("fake-vllm")):
+        yield url
+
+
+def gateway_config(fake_url: str, weights: Path, port: int, **gateway: Any) -> dict[str, Any]:
+    """Production defaults (segmenter, decoder, limits), pointed at the fake for TTS and,
+    like ``--demo``, for chat under the TTS model's name."""
+    host, _, fake_port = fake_url.removeprefix("http://").partition(":")
+    return {
+        "sounds": {
+            "vllm": {
+                "host": host,
+                "port": int(fake_port),
+                "snac_model": str(weights),
+                "snac_device": "cpu",
+            }
+        },
+        "gateway": {
+            "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
+            "llm": {"base_url": fake_url + "/v1", "model": FakeVLLMOptions().model},
+            # One intra-op thread: on a 2-core machine torch's default (one per core) makes
+            # the decoder spin on both cores against Chromium's audio and main threads.
+            "decoder": {"threads": 1},
+            "auth": {"api_keys_env": "", **gateway.pop("auth", {})},
+            **gateway,
+        },
+    }
+
+
+@contextlib.contextmanager
+def serve_gateway(config: dict[str, Any], workdir: Path) -> Iterator[str]:
+    """The real gateway (``voicegw serve``) in its own process, so that neither the fake
+    nor the Playwright driver competes with it for one interpreter; yields its base URL."""
+    import yaml
+
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = config["gateway"]["server"]["port"]
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+    url = f"http://127.0.0.1:{port}"
+    with _process("gateway", cmd, url + "/readyz", workdir):
+        yield url
+
+
+@pytest.fixture(scope="session")
+def gateway_url(
+    fake_vllm: str,
+    snac_weights: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
     """Base URL of the real gateway: the page at ``/``, the protocol at ``/v1/tts/stream``.
 
     ``VOICEGW_WEB_GATEWAY=http://host:port`` runs the tests against a gateway that is
@@ -136,14 +161,16 @@ def gateway_url(fake_vllm: RunningFake, snac_weights: Path) -> Iterator[str]:  #
     if external:
         yield external.rstrip("/")
         return
-    with serve_gateway(gateway_settings(fake_vllm, snac_weights)) as url:
+    config = gateway_config(fake_vllm, snac_weights, _free_port())
+    with serve_gateway(config, tmp_path_factory.mktemp("gateway")) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def keyed_gateway_url(
-    fake_vllm: RunningFake,
+    fake_vllm: str,
     snac_weights: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, str]]:
     """The real gateway requiring an access key, and that key
     (``$VOICEGW_WEB_KEYED_GATEWAY`` and ``$VOICEGW_WEB_KEY`` name a running one)."""
@@ -151,8 +178,8 @@ def keyed_gateway_url(
     if external:
         yield external.rstrip("/"), os.environ["VOICEGW_WEB_KEY"]
         return
-    settings = gateway_settings(fake_vllm, snac_weights, **{"gateway.auth.api_keys": [TEST_KEY]})
-    with serve_gateway(settings) as url:
+    config = gateway_config(fake_vllm, snac_weights, _free_port(), auth={"api_keys": [TEST_KEY]})
+    with serve_gateway(config, tmp_path_factory.mktemp("keyed-gateway")) as url:
         yield url, TEST_KEY
 
 
