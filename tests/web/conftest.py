@@ -226,11 +226,31 @@ class PageErrors(list[str]):
     """Uncaught exceptions and console errors seen on a page."""
 
 
+def _wait_idle(base: str, within: float = 10.0) -> None:
+    """Until the gateway has no session and no session task left: each test starts on an
+    idle gateway, not one still tearing down the previous test's page (its decode and
+    cancellation would compete with this test's audio on a 2-core machine)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        gauges = dict(
+            line.split()[:2]
+            for line in text.splitlines()
+            if line.startswith(("voicegw_sessions_active ", "voicegw_gateway_engine_tasks "))
+        )
+        if all(float(v) == 0 for v in gauges.values()) and len(gauges) == 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the gateway at {base} did not go idle within {within} s")
+
+
 @pytest.fixture
 def open_page(browser_context: Any, gateway_url: str) -> Iterator[Callable[..., Any]]:
     """Open the voice page (``open_page(query="?rate=44100", base=url)``); it is connected
     when returned. Fails the test on any uncaught page error or console error."""
     pages: list[tuple[Any, PageErrors]] = []
+    _wait_idle(gateway_url)
 
     def _open(query: str = "", base: str | None = None, wait_connected: bool = True) -> Any:
         page = browser_context.new_page()
