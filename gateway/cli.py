@@ -55,15 +55,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from gateway.core.segmenter import Segmenter, SegmenterOptions
 
     settings = _load(args)
-    seg = settings.gateway.segmenter
-    opts = SegmenterOptions(
-        fast_first=seg.fast_first,
-        first_clause_min_chars=seg.first_clause_min_chars,
-        min_chars=seg.min_chars,
-        max_chars=seg.max_chars,
-        idle_flush_ms=0,  # no clock here: idle release depends on wall time, not text
-        normalize=seg.normalize,
-    )
+    # No clock here: idle release would depend on wall time, not on the text.
+    opts = SegmenterOptions.from_settings(settings.gateway.segmenter, idle_flush=False)
     segmenter = Segmenter(opts)
 
     def run(text: str) -> list[Any]:

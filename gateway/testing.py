@@ -12,13 +12,14 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 
 from gateway.fake_vllm import FakeVLLM, FakeVLLMOptions, create_fake_vllm_app
+from gateway.serving import QuietServer, bind, wait_started
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,23 +37,6 @@ class RunningFake:
         return len(self.server.server_state.connections)
 
 
-def _bind() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handlers: Ctrl-C stays the host program's."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 def _server(options: FakeVLLMOptions | None, **uvicorn_kw: Any) -> tuple[uvicorn.Server, FakeVLLM]:
     app = create_fake_vllm_app(options)
     config = uvicorn.Config(
@@ -64,19 +48,7 @@ def _server(options: FakeVLLMOptions | None, **uvicorn_kw: Any) -> tuple[uvicorn
         timeout_graceful_shutdown=1,
         **uvicorn_kw,
     )
-    return _Server(config), app.state.fake
-
-
-async def _until_started(server: uvicorn.Server, task: asyncio.Task[None]) -> None:
-    # uvicorn offers no startup event; poll its flag, failing fast if serving died.
-    for _ in range(6000):
-        if server.started:
-            return
-        if task.done():
-            task.result()
-            raise RuntimeError("fake vLLM exited during startup")
-        await asyncio.sleep(0.005)
-    raise RuntimeError("fake vLLM did not start within 30 s")
+    return QuietServer(config), app.state.fake
 
 
 @contextlib.asynccontextmanager
@@ -84,12 +56,12 @@ async def run_fake_vllm(
     options: FakeVLLMOptions | None = None, **uvicorn_kw: Any
 ) -> AsyncIterator[RunningFake]:
     """Serve a fake vLLM in this event loop for the duration of the ``async with``."""
-    sock = _bind()
+    sock = bind()
     port = sock.getsockname()[1]
     server, fake = _server(options, **uvicorn_kw)
     task = asyncio.create_task(server.serve(sockets=[sock]), name="fake-vllm server")
     try:
-        await _until_started(server, task)
+        await wait_started(server, task)
         yield RunningFake(f"http://127.0.0.1:{port}", "127.0.0.1", port, fake, server)
     finally:
         # Abort open streams first: uvicorn would otherwise wait for them to finish.
@@ -115,7 +87,7 @@ class FakeVLLMThread:
         self.running: RunningFake | None = None
 
     def __enter__(self) -> RunningFake:
-        sock = _bind()
+        sock = bind()
         port = sock.getsockname()[1]
         server, fake = _server(self._options, **self._kw)
         self._server = server
@@ -142,7 +114,7 @@ class FakeVLLMThread:
         self._loop = asyncio.get_running_loop()
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:
-            await _until_started(server, task)
+            await wait_started(server, task)
         finally:
             self._ready.set()
         await task

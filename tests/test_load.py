@@ -72,17 +72,7 @@ def session_text(i: int) -> str:
 
 
 def expected_segments(text: str, settings: Settings) -> list[str]:
-    seg = settings.gateway.segmenter
-    s = Segmenter(
-        SegmenterOptions(
-            fast_first=seg.fast_first,
-            first_clause_min_chars=seg.first_clause_min_chars,
-            min_chars=seg.min_chars,
-            max_chars=seg.max_chars,
-            idle_flush_ms=0,
-            normalize=seg.normalize,
-        )
-    )
+    s = Segmenter(SegmenterOptions.from_settings(settings.gateway.segmenter, idle_flush=False))
     return [x.text for x in [*s.feed(text), *s.flush()]]
 
 

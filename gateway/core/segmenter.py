@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.vocab import TextSegment
 
@@ -46,6 +47,20 @@ class SegmenterOptions:
     idle_flush_ms: int = 800
     """Release stalled text at a clause boundary after this long without input; 0 = off."""
     normalize: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, idle_flush: bool = True) -> SegmenterOptions:
+        """Build from ``gateway.config.SegmenterSettings`` (duck-typed to keep this core
+        pure). ``idle_flush=False`` turns the idle release off: without a clock, as in
+        ``voicegw segment`` or a test predicting segments, release depends only on text."""
+        return cls(
+            fast_first=settings.fast_first,
+            first_clause_min_chars=settings.first_clause_min_chars,
+            min_chars=settings.min_chars,
+            max_chars=settings.max_chars,
+            idle_flush_ms=settings.idle_flush_ms if idle_flush else 0,
+            normalize=settings.normalize,
+        )
 
 
 # ----------------------------------------------------------------------------------------

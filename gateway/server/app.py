@@ -65,17 +65,9 @@ def default_web_dir() -> Path | None:
 
 
 def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
-    seg = settings.gateway.segmenter
     lim = settings.gateway.limits
     return ProtocolOptions(
-        segmenter=SegmenterOptions(
-            fast_first=seg.fast_first,
-            first_clause_min_chars=seg.first_clause_min_chars,
-            min_chars=seg.min_chars,
-            max_chars=seg.max_chars,
-            idle_flush_ms=seg.idle_flush_ms,
-            normalize=seg.normalize,
-        ),
+        segmenter=SegmenterOptions.from_settings(settings.gateway.segmenter),
         default_voice=settings.vllm.tts_voice,
         bounds=ParamBounds(max_tokens=(7, settings.vllm.max_tokens)),
         max_frame_bytes=lim.max_frame_bytes,

@@ -321,3 +321,11 @@ def test_segments_respect_max_chars_and_keep_tags_whole(text: str, opts: Segment
     for s in segment(text, opts, step=3):
         assert len(s) <= opts.max_chars
         assert s.count("<") == s.count(">") or "<" not in s
+
+
+def test_options_from_settings_match_the_defaults() -> None:
+    from gateway.config import SegmenterSettings
+
+    assert SegmenterOptions.from_settings(SegmenterSettings()) == SegmenterOptions()
+    off = SegmenterOptions.from_settings(SegmenterSettings(), idle_flush=False)
+    assert off.idle_flush_ms == 0 and off.min_chars == SegmenterOptions().min_chars

@@ -95,17 +95,7 @@ def settings_for(server: RealVllm, weights: Path, **extra: Any) -> Settings:
 
 def segments_of(text: str, settings: Settings) -> list[str]:
     """The segment texts the gateway's segmenter makes of one whole turn."""
-    seg = settings.gateway.segmenter
-    s = Segmenter(
-        SegmenterOptions(
-            fast_first=seg.fast_first,
-            first_clause_min_chars=seg.first_clause_min_chars,
-            min_chars=seg.min_chars,
-            max_chars=seg.max_chars,
-            idle_flush_ms=0,
-            normalize=seg.normalize,
-        )
-    )
+    s = Segmenter(SegmenterOptions.from_settings(settings.gateway.segmenter, idle_flush=False))
     return [x.text for x in [*s.feed(text), *s.flush()]]
 
 
