@@ -946,6 +946,7 @@ def _spoil(texts: list[str], after: int, count: int) -> None:
 def chat_reply(user_text: str) -> str:
     """A deterministic assistant reply of a few plain sentences, seeded by the question."""
     topic = " ".join(user_text.split()[:8]).strip(" .?!") or "that"
+    topic = topic[0].lower() + topic[1:]  # it is quoted mid-sentence
     rng = random.Random(user_text)
     openers = ("Good question.", "Sure thing.", "Happy to help.", "Let me think about that.")
     middles = (
