@@ -471,6 +471,7 @@ class FailingEngine:
         self.bad = set(bad)
         self.from_chunk = from_chunk
         self.raised = 0
+        self.max_stack = inner.max_stack
 
     def group_key(self, plan: ChunkPlan) -> Hashable:
         return self.inner.group_key(plan)

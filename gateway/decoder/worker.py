@@ -371,11 +371,29 @@ class DecodeWorker:
             self._started_at = self._clock()
         self._ready = True
         loop.call_soon_threadsafe(_settle, started, None)
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._decode(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._decode(batch)
+        except Exception as exc:
+            # A bug in the worker itself (decode errors are handled per stream in
+            # _decode). Fail loudly rather than leave every stream waiting forever:
+            # readiness turns false with the cause, and every open stream fails now.
+            self._failure = f"decode worker crashed: {type(exc).__name__}: {exc}"
+            log.exception("SNAC decode worker crashed")
+            self._ready = False
+            with self._cond:
+                self._stopping = True
+                self._pending = []
+            loop.call_soon_threadsafe(self._fail_all, DecoderError(self._failure))
+
+    def _fail_all(self, error: DecoderError) -> None:
+        """Fail every open stream. Runs on the event loop, which owns ``_streams``."""
+        for stream in list(self._streams):
+            stream._fail(error)
+        self._streams.clear()
 
     def _next_batch(self) -> list[_Job] | None:
         with self._cond:

@@ -308,6 +308,32 @@ async def test_cancel_drops_pending_jobs_and_ends_the_reader() -> None:
         await worker.stop()
 
 
+async def test_a_crash_of_the_worker_itself_fails_streams_and_readiness_loudly() -> None:
+    class Broken(FakeEngine):
+        # Read by the worker thread when it picks a batch (an engine missing it once
+        # killed the thread silently and left every stream waiting).
+        @property
+        def max_stack(self) -> int:
+            raise AttributeError("scheduling bug")
+
+        @max_stack.setter
+        def max_stack(self, value: int) -> None:
+            pass
+
+    worker = await started(Broken())
+    try:
+        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream.push(frames(5))
+        with pytest.raises(DecoderError, match="decode worker crashed: AttributeError"):
+            await asyncio.wait_for(collect(stream), 5)
+        health = worker.health()
+        assert not health.ready and "scheduling bug" in health.detail
+        with pytest.raises(DecoderError):
+            worker.open_stream(session_id="t", turn=0, seq=0)
+    finally:
+        await worker.stop()
+
+
 async def test_stop_fails_unfinished_streams() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=1)
