@@ -138,7 +138,7 @@ class DecoderSettings:
     chunk_frames: int = _f(8, lo=1, hi=256, doc="frames in later chunks")
     first_chunk_right_context: int = _f(-1, lo=-1, hi=16, doc="-1 = context_frames")
     ramp_speed: float = _f(
-        1.3, lo=1.01, hi=100.0, doc="slowest upstream speed (x real time) kept gap-free"
+        1.2, lo=1.01, hi=100.0, doc="slowest upstream speed (x real time) kept gap-free"
     )
     max_batch: int = _f(16, lo=1, hi=1024, doc="windows per batched decode")
     max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")

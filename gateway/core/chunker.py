@@ -56,7 +56,7 @@ class ChunkPolicy:
     first_chunk_right_context: int = -1
     """Right context of the first chunk only; -1 means ``context_frames``. Less is earlier
     first audio at a small cost in accuracy at the end of the first chunk."""
-    ramp_speed: float = 1.3
+    ramp_speed: float = 1.2
     """The slowest generation speed (multiples of real time) at which the ramp still keeps
     a segment generated just in time playing: see :meth:`size`."""
 
@@ -95,8 +95,8 @@ class ChunkPolicy:
         the first chunk started (``S`` the running total of sizes). Keeping one frame time
         of slack for the decode itself gives ``size[k] <= S[0] + (r - 1) * S[k-1] - r``:
         sizes grow geometrically, by ``r - 1`` of the total so far, from one frame up to
-        ``chunk_frames``. (At 1.3, the default: 2, 1, 1, 1, 2, 2, 3, 4, 5, 7, 8.) The
-        client's prebuffer comes on top of that slack.
+        ``chunk_frames``. (At 1.2, the default: 2, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6,
+        7, 8.) The client's prebuffer comes on top of that slack.
         """
         first = self.first_chunk_frames
         if index == 0:

@@ -118,7 +118,7 @@ def test_reduced_context_costs_measured_snr(
 def test_cutting_to_what_the_kept_samples_depend_on_is_exact(
     snac_model: LoadedModel, engine: SnacEngine
 ) -> None:
-    frames = random_frames(48, seed=1)  # long enough for full-size chunks after the ramp
+    frames = random_frames(64, seed=1)  # long enough for full-size chunks after the ramp
     whole = decode_utterance(snac_model, frames)
     plans = plan_stream(frames, ChunkPolicy())
     steady = next(p for p in plans if p.end - p.start == ChunkPolicy().chunk_frames)

@@ -118,9 +118,9 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
         seen = order(engine, {1: "far", 2: "head"})
         # The far-ahead chunk already in hand finishes; then all of the head segment.
         assert seen[0] == ("far", 0)
-        # 20 frames are 9 chunks (2, 1, 1, 1, 2, 2, 3, 4, then the flushed 4).
-        assert [s for s, _ in seen[1 : 1 + 9]] == ["head"] * 9
-        assert all(s == "far" for s, _ in seen[10:])
+        # 20 frames are 11 chunks (2, 1, 1, 1, 1, 1, 2, 2, 2, 3, then the flushed 4).
+        assert [s for s, _ in seen[1 : 1 + 11]] == ["head"] * 11
+        assert all(s == "far" for s, _ in seen[12:])
     finally:
         await worker.stop()
 
@@ -176,8 +176,8 @@ async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
         engine.gate.set()
         await asyncio.gather(*readers)
         seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
-        # 17 frames are 8 chunks each (2, 1, 1, 1, 2, 2, 3, then the flushed 5).
-        assert seen == [(x, k) for k in range(8) for x in "ab"]
+        # 17 frames are 10 chunks each (2, 1, 1, 1, 1, 1, 2, 2, 2, then the flushed 4).
+        assert seen == [(x, k) for k in range(10) for x in "ab"]
     finally:
         await worker.stop()
 
@@ -202,8 +202,8 @@ async def test_set_runout_moves_a_session_ahead() -> None:
         engine.gate.set()
         await asyncio.gather(*readers)
         seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
-        # 9 frames are 5 chunks each (2, 1, 1, 2, then the flushed 3).
-        assert seen == [("b", k) for k in range(5)] + [("a", k) for k in range(5)]
+        # 9 frames are 6 chunks each (2, 1, 1, 1, 1, then the flushed 3).
+        assert seen == [("b", k) for k in range(6)] + [("a", k) for k in range(6)]
     finally:
         await worker.stop()
 
@@ -373,14 +373,14 @@ async def test_stats_report_waits_decode_time_and_utilisation() -> None:
         s.end()
         await collect(s)
         st = worker.stats
-        # 17 frames are 8 chunks (2, 1, 1, 1, 2, 2, 3, then the flushed 5).
-        assert st.jobs == 8 and st.queue_depth == 0 and st.streams == 0
+        # 17 frames are 10 chunks (2, 1, 1, 1, 1, 1, 2, 2, 2, then the flushed 4).
+        assert st.jobs == 10 and st.queue_depth == 0 and st.streams == 0
         assert st.audio_seconds_total == pytest.approx(17 * 2048 / 24000)
-        assert st.decode_seconds_total >= 8 * 0.02
+        assert st.decode_seconds_total >= 10 * 0.02
         assert st.decode_seconds_per_audio_second > 0
         assert 0 < st.utilisation <= 1
         assert st.queue_wait_seconds_max >= 0.02  # later chunks waited for earlier ones
-        assert st.queue_wait_buckets[-1][1] == 8
+        assert st.queue_wait_buckets[-1][1] == 10
         assert worker.health().ready
     finally:
         await worker.stop()

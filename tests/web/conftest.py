@@ -48,6 +48,12 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--autoplay-policy=no-user-gesture-required",
+    # A headless page can count as hidden: keep Chromium from throttling its timers and
+    # deprioritising its renderer, which would delay the audio path (not what users get
+    # from a visible tab).
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
 ]
 TEST_KEY = "test-key-123"
 
