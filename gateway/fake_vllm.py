@@ -393,9 +393,11 @@ class FakeVLLM:
             return _error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
         return None
 
-    async def completions(self, request: Request) -> Response | _SSE:
+    async def _admit(self, request: Request, kind: str) -> dict[str, Any] | Response:
+        """Count the request, then check its key, its JSON body and its model name: the
+        body, or the error response to send."""
         self._c["requests"] += 1
-        self._c["completions"] += 1
+        self._c[kind] += 1
         if (err := self._auth_error(request)) is not None:
             return err
         body = await self._json_body(request)
@@ -405,6 +407,12 @@ class FakeVLLM:
         self.recent_requests.append(body)
         if (err := self._check_model(body)) is not None:
             return err
+        return body
+
+    async def completions(self, request: Request) -> Response | _SSE:
+        body = await self._admit(request, "completions")
+        if isinstance(body, Response):
+            return body
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -732,17 +740,9 @@ class FakeVLLM:
     # -- chat --------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response | _ChatSSE:
-        self._c["requests"] += 1
-        self._c["chat_completions"] += 1
-        if (err := self._auth_error(request)) is not None:
-            return err
-        body = await self._json_body(request)
+        body = await self._admit(request, "chat_completions")
         if isinstance(body, Response):
-            self._c["rejected"] += 1
             return body
-        self.recent_requests.append(body)
-        if (err := self._check_model(body)) is not None:
-            return err
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             self._c["rejected"] += 1
