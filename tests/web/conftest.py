@@ -208,8 +208,10 @@ def _ensure_chromium() -> None:
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    # Module scope: Playwright's sync API keeps an event loop running in this thread while
+    # it is open, so async tests collected after the browser tests could not start theirs.
     _ensure_chromium()
     from playwright.sync_api import sync_playwright
 
