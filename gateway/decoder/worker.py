@@ -387,7 +387,8 @@ class DecodeWorker:
             with self._cond:
                 self._stopping = True
                 self._pending = []
-            loop.call_soon_threadsafe(self._fail_all, DecoderError(self._failure))
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(self._fail_all, DecoderError(self._failure))
 
     def _fail_all(self, error: DecoderError) -> None:
         """Fail every open stream. Runs on the event loop, which owns ``_streams``."""
