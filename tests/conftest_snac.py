@@ -1,8 +1,7 @@
 """Shared SNAC test weights: written once per test session, never downloaded.
 
-Any test package can use them by importing the fixtures into its conftest::
-
-    from tests.conftest_snac import snac_model, snac_weights  # noqa: F401
+The root ``tests/conftest.py`` imports the fixtures, so every test can ask for
+``snac_weights`` or ``snac_model``; ``snac_weights_dir()`` serves code outside a fixture.
 
 The weights are the real 24 kHz architecture with seeded random values and
 ``"noise": false``, so decoding is deterministic and exactness can be checked.

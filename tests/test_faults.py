@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,11 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from gateway.config import Settings, UpstreamSettings, load_settings
+from gateway.config import Settings, load_settings
 from gateway.core.chunker import ChunkPlan, ChunkPolicy
 from gateway.core.codec import build_prompt
 from gateway.decoder.engine import SnacEngine, decode_utterance, snr_db
-from gateway.decoder.snac_model import LoadedModel, load_snac, write_random_weights
+from gateway.decoder.snac_model import LoadedModel
 from gateway.decoder.worker import DecodeWorker
 from gateway.fake_vllm import (
     FakeVLLM,
@@ -62,20 +62,10 @@ FPC = 0.15
 VOICE = "tara"
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield write_random_weights(tmp_path_factory.mktemp("snac") / "w", seed=0, noise=False)
-
-
-@pytest.fixture(scope="module")
-def model(weights: Path) -> LoadedModel:
-    return load_snac(UpstreamSettings(snac_model=str(weights), snac_device="cpu"), demo=False)
-
-
-def settings_for(port: int, weights: Path, **extra: Any) -> Settings:
+def settings_for(port: int, snac_weights: Path, **extra: Any) -> Settings:
     overrides: dict[str, Any] = {
         "vllm.port": port,
-        "vllm.snac_model": str(weights),
+        "vllm.snac_model": str(snac_weights),
         "vllm.snac_device": "cpu",
         # Small waits so that retries happen within a test's time.
         "vllm.retry.max_retries": 3,
@@ -201,8 +191,10 @@ async def ping(ws: ClientConnection) -> None:
 # Audio checks
 
 
-def reference(model: LoadedModel, text: str, max_tokens: int = 1200) -> np.ndarray:
-    return decode_utterance(model, expected_frames(VOICE, text, max_tokens, frames_per_char=FPC))
+def reference(snac_model: LoadedModel, text: str, max_tokens: int = 1200) -> np.ndarray:
+    return decode_utterance(
+        snac_model, expected_frames(VOICE, text, max_tokens, frames_per_char=FPC)
+    )
 
 
 def assert_close(got: np.ndarray, want: np.ndarray) -> None:
@@ -218,24 +210,24 @@ def pcm(turn: Turn, seq: int) -> np.ndarray:
     return np.frombuffer(bytes(turn.audio.get(seq, b"")), dtype="<i2")
 
 
-async def assert_exact(model: LoadedModel, turn: Turn, seq: int, text: str, **kw: Any) -> None:
-    want = await asyncio.to_thread(reference, model, text, **kw)
+async def assert_exact(snac_model: LoadedModel, turn: Turn, seq: int, text: str, **kw: Any) -> None:
+    want = await asyncio.to_thread(reference, snac_model, text, **kw)
     assert_close(pcm(turn, seq), want)
 
 
-async def assert_all_exact(model: LoadedModel, turn: Turn, texts: Sequence[str]) -> None:
+async def assert_all_exact(snac_model: LoadedModel, turn: Turn, texts: Sequence[str]) -> None:
     starts = turn.of("segment.start")
     assert [s["text"] for s in starts] == list(texts)
     assert [s["seq"] for s in turn.of("segment.end")] == list(range(len(texts)))
     assert not turn.of("segment.error")
     for seq, text in enumerate(texts):
-        await assert_exact(model, turn, seq, text)
+        await assert_exact(snac_model, turn, seq, text)
 
 
-async def assert_prefix(model: LoadedModel, turn: Turn, seq: int, text: str) -> int:
+async def assert_prefix(snac_model: LoadedModel, turn: Turn, seq: int, text: str) -> int:
     """The segment's audio is a whole number of frames of its exact audio; returns how many."""
     got = pcm(turn, seq)
-    want = await asyncio.to_thread(reference, model, text)
+    want = await asyncio.to_thread(reference, snac_model, text)
     assert got.size % SAMPLES_PER_FRAME == 0 and got.size < want.size
     assert_close(got, want[: got.size])
     return got.size // SAMPLES_PER_FRAME
@@ -245,7 +237,7 @@ async def assert_prefix(model: LoadedModel, turn: Turn, seq: int, text: str) -> 
 # The faults
 
 
-async def test_upstream_killed_mid_turn(weights: Path, model: LoadedModel) -> None:
+async def test_upstream_killed_mid_turn(snac_weights: Path, snac_model: LoadedModel) -> None:
     """The server dies while the head segment plays and the second still generates; the
     third has finished.
 
@@ -266,7 +258,7 @@ async def test_upstream_killed_mid_turn(weights: Path, model: LoadedModel) -> No
     stack = contextlib.AsyncExitStack()
     served_fake, fake = await stack.enter_async_context(fake_vllm(opts))
     port = served_fake.port
-    settings = settings_for(port, weights, **{"vllm.retry.max_retries": 6})
+    settings = settings_for(port, snac_weights, **{"vllm.retry.max_retries": 6})
     refs = [expected_frames(VOICE, t, frames_per_char=fpc) for t in [*texts, "After it."]]
     try:
         async with gateway(settings) as (served, gw):
@@ -289,7 +281,7 @@ async def test_upstream_killed_mid_turn(weights: Path, model: LoadedModel) -> No
             errors = turn.of("segment.error")
             assert all(e["code"] == "upstream_error" for e in errors)
             assert turn.done["segments"] == 3
-            wants = await asyncio.to_thread(lambda: [decode_utterance(model, f) for f in refs])
+            wants = await asyncio.to_thread(lambda: [decode_utterance(snac_model, f) for f in refs])
             for seq in (0, 1):
                 got = pcm(turn, seq)
                 if seq == 0 or second[-1] == "segment.error":
@@ -298,7 +290,7 @@ async def test_upstream_killed_mid_turn(weights: Path, model: LoadedModel) -> No
                     assert 0 < got.size < wants[seq].size
                     assert got.size % SAMPLES_PER_FRAME == 0
                     n = got.size // SAMPLES_PER_FRAME
-                    cut = await asyncio.to_thread(decode_utterance, model, refs[seq][:n])
+                    cut = await asyncio.to_thread(decode_utterance, snac_model, refs[seq][:n])
                     assert_close(got, cut)
                 else:
                     assert_close(got, wants[seq])
@@ -316,7 +308,7 @@ async def test_upstream_killed_mid_turn(weights: Path, model: LoadedModel) -> No
 
 
 async def test_a_cut_stream_keeps_every_frame_it_delivered(
-    weights: Path, model: LoadedModel
+    snac_weights: Path, snac_model: LoadedModel
 ) -> None:
     """The upstream drops the stream after 20 frames, long after the segment's first audio
     was sent (so it cannot be retried). Those 20 frames are valid audio the gateway holds:
@@ -327,7 +319,7 @@ async def test_a_cut_stream_keeps_every_frame_it_delivered(
     assert len(expected_frames(VOICE, text, frames_per_char=fpc)) > received
     opts = FakeVLLMOptions(tokens_per_second=100, first_token_ms=5, frames_per_char=fpc)
     async with fake_vllm(opts) as (served_fake, fake):
-        settings = settings_for(served_fake.port, weights)
+        settings = settings_for(served_fake.port, snac_weights)
         async with gateway(settings) as (served, _):
             ws = await open_session(served)
             fake.push_fault(Fault("disconnect", after_tokens=received * 7))
@@ -336,16 +328,16 @@ async def test_a_cut_stream_keeps_every_frame_it_delivered(
             assert turn.of("segment.error")[0]["code"] == "upstream_error"
             frames = expected_frames(VOICE, text, frames_per_char=fpc)[:received]
             # The segment's codes end where the stream was cut.
-            want = await asyncio.to_thread(decode_utterance, model, frames)
+            want = await asyncio.to_thread(decode_utterance, snac_model, frames)
             assert_close(pcm(turn, 0), want)
             await ws.close()
 
 
-async def test_upstream_refusing_connections(weights: Path, model: LoadedModel) -> None:
+async def test_upstream_refusing_connections(snac_weights: Path, snac_model: LoadedModel) -> None:
     """Every segment fails in place with upstream_unavailable after its retries; readiness
     says why; when the upstream comes up the same session speaks again."""
     port = free_port()
-    settings = settings_for(port, weights, **{"vllm.retry.max_retries": 2})
+    settings = settings_for(port, snac_weights, **{"vllm.retry.max_retries": 2})
     async with gateway(settings) as (served, gw):
         async with httpx.AsyncClient(base_url=served.http_url) as http:
             r = await http.get("/readyz")
@@ -363,7 +355,7 @@ async def test_upstream_refusing_connections(weights: Path, model: LoadedModel) 
         await ping(ws)
         async with fake_vllm(FakeVLLMOptions(tokens_per_second=0, frames_per_char=FPC), port):
             back = await speak(ws, "Now it answers. Both of them.")
-            await assert_all_exact(model, back, ["Now it answers.", "Both of them."])
+            await assert_all_exact(snac_model, back, ["Now it answers.", "Both of them."])
             async with httpx.AsyncClient(base_url=served.http_url) as http:
                 for _ in range(50):  # the health loop restores the endpoint (1 s period)
                     if (await http.get("/readyz")).status_code == 200:
@@ -374,7 +366,7 @@ async def test_upstream_refusing_connections(weights: Path, model: LoadedModel) 
             await ws.close()
 
 
-async def test_upstream_stalling(weights: Path, model: LoadedModel) -> None:
+async def test_upstream_stalling(snac_weights: Path, snac_model: LoadedModel) -> None:
     """A stream that stalls mid-way, and one whose first token never comes, are cut by the
     idle/first-token timeouts and retried: the turn is whole and exact. A segment whose
     every attempt stalls ends in place with upstream_timeout; the next turn is whole."""
@@ -382,7 +374,7 @@ async def test_upstream_stalling(weights: Path, model: LoadedModel) -> None:
     async with fake_vllm(opts) as (served_fake, fake):
         settings = settings_for(
             served_fake.port,
-            weights,
+            snac_weights,
             **{"vllm.retry.max_retries": 2, "vllm.timeout.first_token": 400},
         )
         async with gateway(settings) as (served, gw):
@@ -393,7 +385,7 @@ async def test_upstream_stalling(weights: Path, model: LoadedModel) -> None:
                 Fault("slow_first_token", seconds=3600),
             )
             turn = await speak(ws, " ".join(texts))
-            await assert_all_exact(model, turn, texts)
+            await assert_all_exact(snac_model, turn, texts)
             assert fake.stats().faults["stall"] == 1
             assert fake.stats().faults["slow_first_token"] == 1
             assert gw.services.synth.pool.snapshot().retries == 2
@@ -406,7 +398,9 @@ async def test_upstream_stalling(weights: Path, model: LoadedModel) -> None:
             err = stuck.of("segment.error")[0]
             assert (err["seq"], err["code"]) == (0, "upstream_timeout")
             frames = expected_frames(VOICE, stuck_text, frames_per_char=FPC)[:2]
-            assert_close(pcm(stuck, 0), await asyncio.to_thread(decode_utterance, model, frames))
+            assert_close(
+                pcm(stuck, 0), await asyncio.to_thread(decode_utterance, snac_model, frames)
+            )
             # The stalled streams were closed by the gateway, not left hanging (the fake
             # notices a closed connection a moment later).
             for _ in range(100):
@@ -417,11 +411,11 @@ async def test_upstream_stalling(weights: Path, model: LoadedModel) -> None:
 
             await ping(ws)
             fine = await speak(ws, "And this one does.")
-            await assert_all_exact(model, fine, ["And this one does."])
+            await assert_all_exact(snac_model, fine, ["And this one does."])
             await ws.close()
 
 
-async def test_context_length(weights: Path, model: LoadedModel) -> None:
+async def test_context_length(snac_weights: Path, snac_model: LoadedModel) -> None:
     """Legacy vLLM refuses prompt + max_tokens over the context: the gateway lowers
     max_tokens once and resends, and the segment is whole. A prompt that alone does not
     fit ends in place with context_length; its neighbours are whole."""
@@ -440,7 +434,7 @@ async def test_context_length(weights: Path, model: LoadedModel) -> None:
         legacy_context_errors=True,
     )
     async with fake_vllm(opts) as (served_fake, fake):
-        settings = settings_for(served_fake.port, weights, **{"segmenter.max_chars": 400})
+        settings = settings_for(served_fake.port, snac_weights, **{"segmenter.max_chars": 400})
         async with gateway(settings) as (served, gw):
             ws = await open_session(served)
             turn = await speak(ws, " ".join([short[0], long, short[1]]))
@@ -452,8 +446,8 @@ async def test_context_length(weights: Path, model: LoadedModel) -> None:
             ]  # fmt: skip
             err = turn.of("segment.error")[0]
             assert (err["seq"], err["code"]) == (1, "context_length")
-            await assert_exact(model, turn, 0, short[0])
-            await assert_exact(model, turn, 2, short[1])
+            await assert_exact(snac_model, turn, 0, short[0])
+            await assert_exact(snac_model, turn, 2, short[1])
             snap = gw.services.synth.pool.snapshot()
             assert snap.context_fits == 2 and snap.retries == 0
             # Two refusals that were fitted, and the long prompt refused (once: permanent).
@@ -488,15 +482,15 @@ class FailingEngine:
 
 
 def services_with(
-    model: LoadedModel, wrap: Callable[[SnacEngine], Any]
+    snac_model: LoadedModel, wrap: Callable[[SnacEngine], Any]
 ) -> Callable[[], ServicesFactory]:
     """``real_services``' wiring (pool, worker, pipeline) with a wrapped window engine."""
 
     def make() -> ServicesFactory:
         @contextlib.asynccontextmanager
         async def factory(settings: Settings, metrics: Metrics) -> AsyncIterator[Services]:
-            engine = wrap(SnacEngine(model))
-            worker = DecodeWorker(model, settings.gateway.decoder, engine=engine)
+            engine = wrap(SnacEngine(snac_model))
+            worker = DecodeWorker(snac_model, settings.gateway.decoder, engine=engine)
             await worker.start()
             pool = UpstreamPool(settings.vllm)
             try:
@@ -511,7 +505,7 @@ def services_with(
     return make
 
 
-async def test_decoder_raising(weights: Path, model: LoadedModel) -> None:
+async def test_decoder_raising(snac_weights: Path, snac_model: LoadedModel) -> None:
     """The decoder fails on one segment after its first chunk: that segment keeps the
     first chunk's (exact) audio and ends in place with decoder_error; the segments around
     it are whole; the decoder goes on serving, and so does the session."""
@@ -526,8 +520,8 @@ async def test_decoder_raising(weights: Path, model: LoadedModel) -> None:
 
     opts = FakeVLLMOptions(tokens_per_second=0, frames_per_char=FPC)
     async with fake_vllm(opts) as (served_fake, _):
-        settings = settings_for(served_fake.port, weights)
-        async with gateway(settings, services_with(model, wrap)()) as (served, gw):
+        settings = settings_for(served_fake.port, snac_weights)
+        async with gateway(settings, services_with(snac_model, wrap)()) as (served, gw):
             ws = await open_session(served)
             turn = await speak(ws, " ".join(texts))
             assert turn.outline() == [
@@ -539,12 +533,12 @@ async def test_decoder_raising(weights: Path, model: LoadedModel) -> None:
             err = turn.of("segment.error")[0]
             assert (err["seq"], err["code"]) == (1, "decoder_error")
             assert engines[0].raised >= 1
-            await assert_exact(model, turn, 0, texts[0])
-            await assert_exact(model, turn, 2, texts[2])
-            kept = await assert_prefix(model, turn, 1, texts[1])
+            await assert_exact(snac_model, turn, 0, texts[0])
+            await assert_exact(snac_model, turn, 2, texts[2])
+            kept = await assert_prefix(snac_model, turn, 1, texts[1])
             assert kept == ChunkPolicy().first_chunk_frames
             assert gw.services.synth.worker.health().ready
             await ping(ws)
             fine = await speak(ws, "Still speaking.")
-            await assert_all_exact(model, fine, ["Still speaking."])
+            await assert_all_exact(snac_model, fine, ["Still speaking."])
             await ws.close()

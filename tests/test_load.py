@@ -10,7 +10,6 @@ ordering, teardown), not decode capacity, which ``scripts/bench.py`` measures.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.config import Settings, UpstreamSettings, load_settings
+from gateway.config import Settings, load_settings
 from gateway.core.codec import VOICES
 from gateway.core.segmenter import Segmenter, SegmenterOptions
 from gateway.decoder.engine import decode_utterance, snr_db
-from gateway.decoder.snac_model import LoadedModel, load_snac, write_random_weights
+from gateway.decoder.snac_model import LoadedModel
 from gateway.fake_vllm import FakeVLLMOptions, expected_frames
 from gateway.server.app import create_app
 from gateway.server.services import real_services
@@ -39,20 +38,10 @@ FRAMES_PER_CHAR = 0.15
 MAX_TOKENS = 1200
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield write_random_weights(tmp_path_factory.mktemp("snac") / "w", seed=0, noise=False)
-
-
-@pytest.fixture(scope="module")
-def model(weights: Path) -> LoadedModel:
-    return load_snac(UpstreamSettings(snac_model=str(weights), snac_device="cpu"), demo=False)
-
-
-def settings_for(port: int, weights: Path, **extra: Any) -> Settings:
+def settings_for(port: int, snac_weights: Path, **extra: Any) -> Settings:
     overrides: dict[str, Any] = {
         "vllm.port": port,
-        "vllm.snac_model": str(weights),
+        "vllm.snac_model": str(snac_weights),
         "vllm.snac_device": "cpu",
         "vllm.max_tokens": MAX_TOKENS,
         # Every segment of every session may be in flight at once: nothing waits long
@@ -121,13 +110,13 @@ async def run_client(url: str, i: int) -> Heard:
 
 
 async def test_a_few_dozen_sessions_all_complete_exact_and_in_order(
-    weights: Path, model: LoadedModel
+    snac_weights: Path, snac_model: LoadedModel
 ) -> None:
     fake_opts = FakeVLLMOptions(
         tokens_per_second=0, first_token_ms=5, max_num_seqs=32, frames_per_char=FRAMES_PER_CHAR
     )
     async with run_fake_vllm(fake_opts) as fake:
-        settings = settings_for(fake.port, weights)
+        settings = settings_for(fake.port, snac_weights)
         app = create_app(settings, real_services)
         async with serve_asgi(app) as served:
             url = served.ws_url + "/v1/tts/stream"
@@ -176,7 +165,7 @@ async def test_a_few_dozen_sessions_all_complete_exact_and_in_order(
     def check_audio() -> None:
         for pcm, frames in refs:
             got = np.frombuffer(pcm, dtype="<i2")
-            ref = decode_utterance(model, frames)
+            ref = decode_utterance(snac_model, frames)
             assert got.shape == ref.shape
             # The decoder's guarantee for streamed windows with full context: equal to
             # the whole-utterance decode up to float rounding (at most 1 LSB, rarely).

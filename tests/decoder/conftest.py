@@ -1,3 +1,0 @@
-from tests.conftest_snac import snac_model, snac_weights
-
-__all__ = ["snac_model", "snac_weights"]
