@@ -1,9 +1,10 @@
 // The voice chat page: wires the WebSocket client, the worklet player and the transcript.
 //
-// Audio path: WebSocket (arraybuffer) -> Player.pushPcm (buffer transferred) -> worklet
-// ring buffer -> speakers. Each segment's audio is bracketed by marks in the same ordered
-// port, so the worklet tells us when the *listener* reaches a segment; that, not the
-// arrival of segment.start, moves the transcript highlight.
+// Audio path, never through this (main) thread: WebSocket in a dedicated worker
+// (arraybuffer) -> MessagePort, buffer transferred -> worklet ring buffer -> speakers. Each
+// segment's audio is bracketed by marks on that same ordered port, so the worklet tells us
+// when the *listener* reaches a segment; that, not the arrival of segment.start, moves the
+// transcript highlight. This thread gets the JSON events, draws, and sends control.
 
 import { GatewayClient } from "./client.js";
 import { Player } from "./player.js";
@@ -35,8 +36,8 @@ if (params.get("rate")) player.forcedRate = Number(params.get("rate"));
 
 const client = new GatewayClient({
   onEvent: onServerEvent,
-  onAudio: onAudio,
   onState: renderConnection,
+  audioPort: player.dataPort,
 });
 
 let voice = localStorage.getItem("voicegw.voice") || "";
@@ -44,16 +45,15 @@ let chatEnabled = false;
 let pendingEntries = []; // sent by us, not yet given a turn number by the server
 const entriesByTurn = new Map();
 let maxTurn = -1; // highest turn number seen; anything at or below it is taken
-let curSeg = null; // the segment the next binary frame belongs to
+let interruptEpoch = 0; // numbers our interrupts, for the worklet (see Player.interrupt)
 let streamer = null; // the Speak-mode text feeder
 const arrivals = new Map(); // "turn:seq" -> performance.now() of segment.start
 
+// Socket-side audio figures (bytes in, samples announced, mismatches, frames dropped) are
+// counted by the worker, where the audio is: client.counters.
 const counters = {
-  pcmBytesIn: 0, // straight off the socket, before the worklet
-  samplesAnnounced: 0, // sum of segment.end samples
   segmentsReceived: 0,
   segmentErrors: 0,
-  sampleMismatches: 0, // segment.end samples != bytes we got for it
   interrupts: 0,
   ttfaMs: null,
   turnsDone: [], // turn.done messages
@@ -62,6 +62,7 @@ const counters = {
   lastFlush: null,
   underrunLog: [], // {at, time, ms}
   startLog: [], // {buffered, afterUnderrun}: playback (re)starts and their prebuffer
+  lowWaterLog: [], // {turn, lowWaterMs}: the least audio queued while each turn played
 };
 const eventLog = [];
 
@@ -104,19 +105,8 @@ function voiceLabel() {
 
 // ---- server events ------------------------------------------------------------------
 
-function onAudio(buf) {
-  counters.pcmBytesIn += buf.byteLength;
-  if (curSeg) {
-    // Marked lazily, on its first audio: a segment without audio never blocks the marks
-    // queue in the worklet.
-    if (curSeg.bytes === 0) player.markSegment(curSeg.key);
-    curSeg.bytes += buf.byteLength;
-    if (curSeg.entry) curSeg.entry.hasAudio = true;
-  }
-  player.pushPcm(buf);
-}
-
-function onServerEvent(msg) {
+// `segBytes`: for segment.end and segment.error, how much audio that segment had.
+function onServerEvent(msg, segBytes) {
   eventLog.push({ t: performance.now(), ...msg });
   if (eventLog.length > 4000) eventLog.splice(0, 1000);
   switch (msg.type) {
@@ -126,7 +116,6 @@ function onServerEvent(msg) {
     case "segment.start": {
       const e = entryForTurn(msg.turn);
       const key = `${msg.turn}:${msg.seq}`;
-      curSeg = { key, entry: e, bytes: 0 };
       if (!e) break;
       arrivals.set(key, performance.now());
       counters.segmentsReceived++;
@@ -135,19 +124,14 @@ function onServerEvent(msg) {
       break;
     }
     case "segment.end": {
-      const key = `${msg.turn}:${msg.seq}`;
-      counters.samplesAnnounced += msg.samples || 0;
-      if (curSeg && curSeg.key === key) {
-        if (curSeg.bytes / 2 !== msg.samples) counters.sampleMismatches++;
-        if (curSeg.bytes > 0) player.markSegmentEnd(key);
-      }
-      curSeg = null;
+      const e = entryForTurn(msg.turn);
+      if (e && segBytes > 0) e.hasAudio = true;
       break;
     }
     case "segment.error": {
       counters.segmentErrors++;
-      curSeg = null;
       const e = entryForTurn(msg.turn);
+      if (e && segBytes > 0) e.hasAudio = true;
       if (e) e.setStatus(e.status, `a sentence failed: ${msg.code}`);
       toast(`A sentence could not be spoken (${msg.code}). ${msg.message || ""}`);
       break;
@@ -156,8 +140,7 @@ function onServerEvent(msg) {
       remember(counters.turnsDone, msg);
       const e = entryForTurn(msg.turn);
       if (!e) break;
-      player.endTurn(msg.turn);
-      // With audio, the entry is done when the worklet plays past the turn's end
+      // The worker has marked the turn's end in the worklet's queue. With audio, the entry is done when the worklet plays past the turn's end
       // ("turnend"); without any (an empty turn, failed segments) it is done now.
       if (!e.hasAudio && ["pending", "streaming"].includes(e.status)) e.setStatus("done");
       break;
@@ -222,10 +205,14 @@ function onError(msg) {
 
 function onConnectionLost() {
   stopStreamer();
-  if (busy()) player.interrupt();
+  if (busy()) {
+    // Same two halves as a user's interrupt: the worker just marks where old audio ends.
+    const epoch = ++interruptEpoch;
+    player.interrupt(epoch);
+    client.interrupt(epoch);
+  }
   for (const e of activeEntries()) e.setStatus("error", "connection lost");
   pendingEntries = [];
-  curSeg = null;
   // A new session numbers its turns from 0 again.
   entriesByTurn.clear();
   maxTurn = -1;
@@ -266,6 +253,7 @@ function onPlayerEvent(m) {
       break;
     }
     case "turnend": {
+      remember(counters.lowWaterLog, { turn: m.turn, lowWaterMs: m.lowWaterMs });
       const e = entriesByTurn.get(m.turn);
       if (e && e.status !== "interrupted" && e.status !== "error") e.setStatus("done");
       break;
@@ -292,14 +280,14 @@ function onPlayerEvent(m) {
 
 function interrupt(reason) {
   if (!busy()) return false;
-  const ctxTime = player.interrupt(); // local first: silence must not wait for the network
-  client.interrupt();
+  const epoch = ++interruptEpoch;
+  const ctxTime = player.interrupt(epoch); // local first: silence must not wait for the network
+  client.interrupt(epoch);
   stopStreamer();
   counters.interrupts++;
   counters.lastInterrupt = { reason, ctxTime, at: performance.now() };
   for (const e of activeEntries()) e.setStatus("interrupted", "interrupted");
   pendingEntries = [];
-  curSeg = null;
   arrivals.clear();
   renderControls();
   return true;
@@ -580,18 +568,19 @@ function pageFigures() {
     chat: chatEnabled,
     voice,
     contextRate: player.sampleRate,
-    pcmSamplesIn: counters.pcmBytesIn / 2,
-    samplesAnnounced: counters.samplesAnnounced,
+    pcmSamplesIn: client.counters.pcmBytesIn / 2,
+    samplesAnnounced: client.counters.samplesAnnounced,
     segmentsReceived: counters.segmentsReceived,
     segmentErrors: counters.segmentErrors,
-    sampleMismatches: counters.sampleMismatches,
-    framesDropped: client.framesDropped,
+    sampleMismatches: client.counters.sampleMismatches,
+    framesDropped: client.counters.framesDropped,
     interrupts: counters.interrupts,
     ttfaMs: counters.ttfaMs,
     turnsDone: counters.turnsDone,
     highlightLog: counters.highlightLog,
     underrunLog: counters.underrunLog,
     startLog: counters.startLog,
+    lowWaterLog: counters.lowWaterLog,
     lastInterrupt: counters.lastInterrupt,
     lastFlush: counters.lastFlush,
     awaitingInterrupted: client.awaitingInterrupted,

@@ -1,28 +1,33 @@
-// The WebSocket side of /v1/tts/stream: connection state, reconnects, keepalive, and the
-// one protocol rule the page must enforce itself: after we send `interrupt`, every frame
-// of the interrupted work still in flight is dropped until the server says `interrupted`.
+// The session side of /v1/tts/stream: connection state, reconnects, keepalive, and what
+// the page needs of the protocol. The socket itself lives in a dedicated worker
+// (net-worker.js), which passes audio straight to the worklet and applies the one rule the
+// client must enforce itself: after we send `interrupt`, every frame of the interrupted
+// work still in flight is dropped until the server says `interrupted`. Here we get the
+// JSON events, already filtered, and the socket-side audio counters.
 
-const TURN_EVENTS = new Set([
-  "segment.start",
-  "segment.end",
-  "segment.error",
-  "turn.done",
-  "llm.delta",
-  "llm.done",
-]);
+const NO_COUNTERS = {
+  pcmBytesIn: 0,
+  framesDropped: 0,
+  bytesDropped: 0,
+  samplesAnnounced: 0,
+  sampleMismatches: 0,
+  awaitingInterrupted: false,
+};
 
 export class GatewayClient {
-  constructor({ onEvent, onAudio, onState }) {
+  // `audioPort`: the worklet's data port (Player.dataPort), handed to the worker.
+  constructor({ onEvent, onState, audioPort }) {
     this.onEvent = onEvent;
-    this.onAudio = onAudio;
     this.onState = onState;
-    this.ws = null;
+    this.worker = new Worker(new URL("./net-worker.js", import.meta.url));
+    this.worker.onmessage = (e) => this.onWorker(e.data);
+    this.worker.postMessage({ type: "audio", port: audioPort }, [audioPort]);
+    this.open = false;
+    this.counters = { ...NO_COUNTERS };
     this.token = "";
     this.state = "idle";
     this.ready = null; // the session.ready message of the live session
     this.awaitingInterrupted = false;
-    this.framesDropped = 0;
-    this.bytesDropped = 0;
     this.retry = 0;
     this.retryTimer = null;
     this.pingTimer = null;
@@ -45,38 +50,33 @@ export class GatewayClient {
   connect(token = this.token) {
     this.token = token;
     clearTimeout(this.retryTimer);
-    if (this.ws) {
-      this.ws.onclose = null;
-      this.ws.close(1000);
-    }
+    this.open = false;
     this.ready = null;
     this.awaitingInterrupted = false;
     this.setState(this.retry ? "reconnecting" : "connecting");
-    const ws = new WebSocket(this.url());
-    // ArrayBuffer (not Blob): frames arrive ready to transfer to the worklet, with no
-    // async Blob read that could reorder them.
-    ws.binaryType = "arraybuffer";
-    this.ws = ws;
-    ws.onmessage = (e) => this.onMessage(e.data);
-    ws.onclose = (e) => this.onClose(e);
+    // The worker closes any previous socket first, without reporting its close.
+    this.worker.postMessage({ type: "connect", url: this.url() });
   }
 
-  onMessage(data) {
-    if (typeof data !== "string") {
-      if (this.awaitingInterrupted) {
-        this.framesDropped++;
-        this.bytesDropped += data.byteLength;
-        return;
-      }
-      this.onAudio(data);
-      return;
+  onWorker(m) {
+    switch (m.type) {
+      case "open":
+        this.open = true;
+        break;
+      case "close":
+        this.open = false;
+        this.onClose(m);
+        break;
+      case "event":
+        this.counters = m.counters;
+        this.awaitingInterrupted = m.counters.awaitingInterrupted;
+        this.onMessage(m.msg, m.segBytes);
+        break;
     }
-    let msg;
-    try {
-      msg = JSON.parse(data);
-    } catch {
-      return;
-    }
+  }
+
+  // `segBytes`: for segment.end and segment.error, the audio bytes that segment had.
+  onMessage(msg, segBytes) {
     switch (msg.type) {
       case "session.ready":
         this.ready = msg;
@@ -85,25 +85,18 @@ export class GatewayClient {
         this.setState("connected");
         this.startPings();
         break;
-      case "interrupted":
-        this.awaitingInterrupted = false;
-        break;
       case "pong":
         this.rttMs = performance.now() - this.pingSentAt;
         this.onState(this.state, "");
         return;
-      default:
-        // Events of the interrupted work that crossed our `interrupt` on the wire.
-        if (this.awaitingInterrupted && TURN_EVENTS.has(msg.type)) return;
     }
-    this.onEvent(msg);
+    this.onEvent(msg, segBytes);
   }
 
   async onClose(e) {
     this.stopPings();
     const hadSession = this.ready !== null;
     this.ready = null;
-    this.ws = null;
     this.onEvent({ type: "connection.lost", code: e.code, reason: e.reason });
     if (!hadSession) {
       this.failedBeforeReady++;
@@ -152,18 +145,19 @@ export class GatewayClient {
   }
 
   get connected() {
-    return this.ws !== null && this.ws.readyState === WebSocket.OPEN && this.ready !== null;
+    return this.open && this.ready !== null;
   }
 
   send(obj) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(JSON.stringify(obj));
+    if (!this.open) return false;
+    this.worker.postMessage({ type: "send", text: JSON.stringify(obj) });
     return true;
   }
 
-  interrupt() {
-    if (!this.connected) return;
-    this.awaitingInterrupted = true;
-    this.send({ type: "interrupt" });
+  // Network half of interrupt `epoch` (Player.interrupt is the local half). Sent even
+  // when disconnected: the worker must still mark the data port where old audio ends.
+  interrupt(epoch) {
+    if (this.connected) this.awaitingInterrupted = true;
+    this.worker.postMessage({ type: "interrupt", epoch });
   }
 }

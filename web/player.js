@@ -1,6 +1,8 @@
 // Main-thread side of playback: owns the AudioContext, the single worklet node and the
-// analyser the level meter reads. Everything sent to the worklet goes through one
-// ordered port, so PCM and the segment/turn marks between them stay in stream order.
+// analyser the level meter reads. The audio itself does not pass through here: PCM and the
+// segment/turn marks between it travel from the network worker to the worklet over a
+// MessageChannel of their own (`dataPort` is the worker's end), in stream order. The main
+// thread only sends control messages: interrupts, snapshots.
 
 const SOURCE_RATE = 24000;
 
@@ -16,9 +18,19 @@ export class Player {
     this.snapshots = new Map();
     this.nextSnapshot = 1;
     this.forcedRate = null;
-    // Between an interrupt and the next PCM, the (up to 25 ms old) periodic stats may
-    // still show audio queued; this says it is already gone.
+    // Between an interrupt and the worklet's first stats after it, the (up to 25 ms old)
+    // periodic stats may still show audio queued; this says it is already gone.
     this.flushed = false;
+    this.epoch = 0;
+    // Messages posted on a port before its other end is started are queued, so the worker
+    // can be given `dataPort` at once, long before the worklet (which needs a user
+    // gesture) exists to take the other end.
+    this.channel = new MessageChannel();
+  }
+
+  // The network worker's end of the data channel; transfer it to the worker once.
+  get dataPort() {
+    return this.channel.port2;
   }
 
   get started() {
@@ -60,6 +72,8 @@ export class Player {
     this.node.connect(this.analyser);
     this.analyser.connect(ctx.destination);
     this.node.port.onmessage = (e) => this.onMessage(e.data);
+    const port = this.channel.port1;
+    this.node.port.postMessage({ type: "data", port }, [port]);
     for (const [msg, transfer] of this.pending) this.node.port.postMessage(msg, transfer);
     this.pending = [];
   }
@@ -69,30 +83,14 @@ export class Player {
     else this.pending.push([msg, transfer]);
   }
 
-  // PCM bytes straight from the WebSocket (binaryType "arraybuffer"). The buffer is
-  // transferred, not copied: the main thread never touches the samples.
-  pushPcm(buf) {
-    this.flushed = false;
-    this.post({ type: "pcm", buf }, [buf]);
-  }
-
-  markSegment(key) {
-    this.post({ type: "seg", key });
-  }
-
-  markSegmentEnd(key) {
-    this.post({ type: "segend", key });
-  }
-
-  endTurn(turn) {
-    this.post({ type: "end", turn });
-  }
-
-  // Local half of an interrupt: the worklet fades out within ~8 ms and flushes.
-  // Messages still queued for a worklet that is loading are flushed by it in order.
-  interrupt() {
+  // Local half of interrupt `epoch`: the worklet fades out within ~8 ms, flushes, and
+  // discards what the worker sent before it learned of the interrupt. The same epoch goes
+  // to the worker (GatewayClient.interrupt), which marks the data port where the
+  // interrupted work ends.
+  interrupt(epoch) {
     this.flushed = true;
-    this.post({ type: "interrupt" });
+    this.epoch = epoch;
+    this.post({ type: "interrupt", epoch });
     return this.ctx ? this.ctx.currentTime : 0;
   }
 
@@ -109,8 +107,10 @@ export class Player {
   onMessage(m) {
     if (m.type === "stats") {
       this.stats = m.stats;
+      if (m.stats.epoch >= this.epoch) this.flushed = false;
     } else if (m.type === "snapshot") {
       this.stats = m.stats;
+      if (m.stats.epoch >= this.epoch) this.flushed = false;
       const resolve = this.snapshots.get(m.id);
       this.snapshots.delete(m.id);
       if (resolve) resolve(m.stats);

@@ -6,16 +6,26 @@
 // thread pulls samples from one continuous queue, so boundaries do not exist for playback:
 // a gap can only happen when the queue is truly empty, and then we know it and report it.
 //
-// Messages in (all on this.port, in order, so marks line up exactly with the PCM):
+// Two inputs. The data port (a MessagePort the page hands over with {type:"data", port})
+// comes straight from the network worker, so audio never waits for the page's main
+// thread. On it, in socket order, so marks line up exactly with the PCM:
 //   {type:"pcm", buf}            s16le mono 24 kHz bytes; the ArrayBuffer is transferred
 //   {type:"seg", key}            the next PCM sample starts segment `key` ("turn:seq")
 //   {type:"segend", key}         segment `key` ends at the current write position
 //   {type:"end", turn}           turn `turn` has no more audio (turn.done)
-//   {type:"interrupt"}           fade out ~8 ms, then flush everything received so far
+//   {type:"epoch", epoch}        everything after this was sent after interrupt `epoch`
+// On this.port, from the page:
+//   {type:"interrupt", epoch}    fade out ~8 ms, then flush everything received so far;
+//                                until the data port's {epoch} marker for it arrives, the
+//                                data port's messages are stale (the interrupted work, in
+//                                flight) and are discarded
 //   {type:"snapshot", id}        reply now with exact counters (tests, page refresh)
 //   {type:"config", prebufferMs}
+// The data messages are accepted on this.port too (and then an interrupt without an epoch
+// applies to what came before it on that port): the offline tests drive it that way.
 // Messages out: "stats" (every ~25 ms) and events: start (playback (re)starts, with how
-// much was buffered), segstart, segend, turnend, underrun, underrunend, flushed, snapshot.
+// much was buffered), segstart, segend, turnend (with the turn's low-water mark),
+// underrun, underrunend, flushed, snapshot.
 //
 // Counting is in 24 kHz *source* samples, whatever the context's rate, so that
 // "samples played == samples received" can be checked exactly even when we resample.
@@ -47,6 +57,11 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.dropped = 0; // flushed by an interrupt
     this.oddByte = -1; // a PCM frame with an odd byte count leaves half a sample for the next
 
+    this.data = null; // the network worker's port
+    this.epoch = 0; // the latest interrupt, from either side
+    this.dataEpoch = 0; // the latest interrupt marker seen on the data port
+    this.discarded = 0; // stale samples dropped on arrival (sent before an interrupt)
+
     this.marks = []; // {kind, pos, key|turn}, in write order
     this.endPos = 0; // write position at the latest turn end: the queue is complete up to it
 
@@ -67,6 +82,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.underrunFrames = 0; // completed underruns, in output frames
     this.underrunStart = -1; // output frame where the current underrun began, or -1
     this.segmentsPlayed = 0;
+    // The least audio queued (source samples) while the turn was playing and not yet
+    // complete: how close this turn came to an underrun. Infinity until measured.
+    this.lowWater = Infinity;
     this.frame = 0; // output frames rendered since start
     this.lastAudibleTime = -1; // context time of the last output frame above AUDIBLE
     this.peak = 0;
@@ -82,6 +100,51 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
 
   onMessage(m) {
     switch (m.type) {
+      case "data":
+        this.data = m.port;
+        this.data.onmessage = (e) => this.onData(e.data);
+        return;
+      case "interrupt":
+        if (typeof m.epoch !== "number") this.interrupt();
+        else if (m.epoch > this.epoch) {
+          this.epoch = m.epoch;
+          this.interrupt();
+        }
+        return;
+      case "snapshot":
+        this.port.postMessage({ type: "snapshot", id: m.id, stats: this.stats() });
+        return;
+      case "config":
+        if (typeof m.prebufferMs === "number") {
+          this.prebuffer = Math.round((m.prebufferMs * SOURCE_RATE) / 1000);
+        }
+        return;
+      default:
+        this.onStream(m);
+    }
+  }
+
+  onData(m) {
+    if (m.type === "epoch") {
+      this.dataEpoch = m.epoch;
+      if (m.epoch > this.epoch) {
+        // The worker saw the interrupt first (the page's message is still on its way):
+        // everything before this marker is the interrupted work.
+        this.epoch = m.epoch;
+        this.interrupt();
+      }
+      return;
+    }
+    if (this.dataEpoch < this.epoch) {
+      // Sent before the worker knew of the interrupt: the interrupted work, in flight.
+      if (m.type === "pcm") this.discarded += m.buf.byteLength >> 1;
+      return;
+    }
+    this.onStream(m);
+  }
+
+  onStream(m) {
+    switch (m.type) {
       case "pcm":
         this.pushPcm(m.buf);
         break;
@@ -94,17 +157,6 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
       case "end":
         this.endPos = this.written;
         this.marks.push({ kind: "end", pos: this.written, turn: m.turn });
-        break;
-      case "interrupt":
-        this.interrupt();
-        break;
-      case "snapshot":
-        this.port.postMessage({ type: "snapshot", id: m.id, stats: this.stats() });
-        break;
-      case "config":
-        if (typeof m.prebufferMs === "number") {
-          this.prebuffer = Math.round((m.prebufferMs * SOURCE_RATE) / 1000);
-        }
         break;
     }
   }
@@ -191,6 +243,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
   }
 
   startPlaying() {
+    if (this.underrunStart < 0) this.lowWater = Infinity; // a new turn, not a resume
     // Reported so the page (and the tests) can see the prebuffer actually held.
     this.port.postMessage({
       type: "start",
@@ -231,6 +284,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     const step = this.step;
     let peak = 0;
     let lastAudible = -1;
+    if (this.state === "playing" && !this.turnEnded() && this.available() < this.lowWater) {
+      this.lowWater = this.available();
+    }
 
     for (let i = 0; i < n; i++) {
       if (this.state !== "playing") {
@@ -330,9 +386,18 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         this.segmentsPlayed++;
         this.port.postMessage({ type: "segend", key: m.key, time: currentTime });
       } else {
-        this.port.postMessage({ type: "turnend", turn: m.turn, time: currentTime });
+        this.port.postMessage({
+          type: "turnend",
+          turn: m.turn,
+          time: currentTime,
+          lowWaterMs: this.lowWaterMs(),
+        });
       }
     }
+  }
+
+  lowWaterMs() {
+    return Number.isFinite(this.lowWater) ? (this.lowWater / SOURCE_RATE) * 1000 : null;
   }
 
   stats() {
@@ -346,6 +411,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
       underruns: this.underruns,
       underrunMs: ((this.underrunFrames + current) / sampleRate) * 1000,
       segmentsPlayed: this.segmentsPlayed,
+      samplesDiscarded: this.discarded,
+      lowWaterMs: this.lowWaterMs(),
+      epoch: this.epoch,
       state: this.fading ? "fading" : this.state,
       peak: this.peak,
       rms: this.nSq ? Math.sqrt(this.sumSq / this.nSq) : 0,

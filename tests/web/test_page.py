@@ -10,6 +10,8 @@ protocol events the page received.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -174,6 +176,15 @@ def set_max_speed(page: Any) -> None:
     assert page.text_content("#speed-out") == "400 chars/s"
 
 
+def record_margin(output_dir: Path, s: dict[str, Any]) -> None:
+    """Append each turn's playback margin (the least audio the worklet had queued while the
+    turn played) to ``playback-margins.jsonl``: how close a passing run came to a gap."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    with (output_dir / "playback-margins.jsonl").open("a") as f:
+        for t in s["lowWaterLog"]:
+            f.write(json.dumps({"test": test, **t, "ttfaMs": s["ttfaMs"]}) + "\n")
+
+
 def assert_all_played(s: dict[str, Any]) -> None:
     """Every sample the server announced reached the worklet and was played, no gaps."""
     announced = sum(t["samples"] for t in s["turnsDone"])
@@ -186,11 +197,15 @@ def assert_all_played(s: dict[str, Any]) -> None:
     assert s["bufferedSamples"] == 0
     assert s["sampleMismatches"] == 0
     assert s["segmentsPlayed"] == sum(t["segments"] for t in s["turnsDone"])
-    assert s["underruns"] == 0, s["underrunLog"]
+    assert s["underruns"] == 0, (s["underrunLog"], s["lowWaterLog"])
     assert s["underrunMs"] == 0
+    # Every completed turn reports how close it came to running dry.
+    assert s["lowWaterLog"] and all(t["lowWaterMs"] is not None for t in s["lowWaterLog"])
 
 
-def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(open_page: Any) -> None:
+def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(
+    open_page: Any, output_dir: Path
+) -> None:
     page = open_page()
     set_max_speed(page)
     speak(page, PARAGRAPH)
@@ -206,6 +221,7 @@ def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(open_page: 
         time.sleep(0.05)
 
     s = wait_turns_played(page, 1)
+    record_margin(output_dir, s)
     assert_all_played(s)
     assert s["state"] == "idle"
     assert s["contextRate"] == 24000 and not s["resampling"]
@@ -296,7 +312,7 @@ def test_interrupt_silences_within_100ms_and_the_next_turn_plays(open_page: Any)
     assert page.evaluate("voicegw.entries()")[-1]["status"] == "done"
 
 
-def test_chat_streams_text_and_audio(open_page: Any) -> None:
+def test_chat_streams_text_and_audio(open_page: Any, output_dir: Path) -> None:
     page = open_page()
     page.click("#tab-chat")
     assert page.is_visible("#chat-text") and not page.is_visible("#speak-text")
@@ -311,6 +327,7 @@ def test_chat_streams_text_and_audio(open_page: Any) -> None:
         time.sleep(0.03)
 
     s = wait_turns_played(page, 1)
+    record_margin(output_dir, s)
     assert_all_played(s)
     events = page.evaluate("voicegw.events")
     deltas = [e for e in events if e["type"] == "llm.delta"]
@@ -396,13 +413,14 @@ def test_worklet_interrupt_fades_in_8ms_flushes_and_keeps_the_next_turn(open_pag
     assert s["underruns"] == 0 and s["state"] == "idle"
 
 
-def test_resampling_in_the_worklet_counts_exactly(open_page: Any) -> None:
+def test_resampling_in_the_worklet_counts_exactly(open_page: Any, output_dir: Path) -> None:
     # Force a context rate the gateway does not use: the worklet must resample, statefully,
     # and still count in 24 kHz source samples.
     page = open_page("?rate=44100")
     set_max_speed(page)
     speak(page, "Resampled audio must not lose a sample. Not one, at any boundary.")
     s = wait_turns_played(page, 1)
+    record_margin(output_dir, s)
     assert s["contextRate"] == 44100 and s["sampleRate"] == 44100 and s["resampling"]
     assert_all_played(s)
     expect(page.locator("#stat-audio")).to_contain_text("resampled")
