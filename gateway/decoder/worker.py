@@ -153,9 +153,12 @@ class DecodeWorker:
         clock: Clock = monotonic,
         engine: WindowEngine | None = None,
         warm_up: bool = True,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         """``model`` is a ``LoadedModel`` (or ``None`` with an injected ``engine``);
-        ``settings`` is ``gateway.config.DecoderSettings``."""
+        ``settings`` is ``gateway.config.DecoderSettings``. ``on_batch(windows, seconds)``
+        is called from the decode thread after every forward pass (e.g. to feed Prometheus
+        histograms, which are thread-safe); it must be quick and must not raise."""
         if engine is None:
             from gateway.decoder.engine import SnacEngine
 
@@ -166,6 +169,7 @@ class DecodeWorker:
         self._engine = engine
         self._clock = clock
         self._warm_up = warm_up
+        self._on_batch = on_batch
         self._max_batch = int(settings.max_batch)
         self._max_wait = float(settings.max_wait_ms) / 1000.0
         self._queue_size = int(settings.queue_size)
@@ -464,6 +468,11 @@ class DecodeWorker:
             self._decode_total += max(0.0, t1 - t0)
             self._audio_total += audio
             self._failed += sum(1 for o in outs if isinstance(o, BaseException))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch), max(0.0, t1 - t0))
+            except Exception:  # a metrics hook must never take the decoder down
+                log.exception("decode worker on_batch hook failed")
         for j, out in zip(batch, outs, strict=True):
             if isinstance(out, BaseException):
                 error = DecoderError(

@@ -57,7 +57,12 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
         # Loading and warm-up happen once, here, off the event loop; a model that cannot
         # be loaded stops the start with its cause (demo mode falls back to random).
         model = await asyncio.to_thread(load_snac, vllm, demo=demo)
-        worker = DecodeWorker(model, settings.gateway.decoder)
+
+        def observe_batch(windows: int, seconds: float) -> None:
+            metrics.decode_batch.observe(windows)
+            metrics.decode_seconds.observe(seconds)
+
+        worker = DecodeWorker(model, settings.gateway.decoder, on_batch=observe_batch)
         await worker.start()
         stack.push_async_callback(worker.stop)
         pool = UpstreamPool(vllm, on_request_done=lambda st: _observe_request(metrics, st))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -76,6 +77,18 @@ class Listener:
                     return out
 
 
+def _get(ws_url: str, path: str) -> bytes:
+    http_url = "http" + ws_url.removeprefix("ws").split("/v1/", 1)[0]
+    with urllib.request.urlopen(http_url + path, timeout=10) as r:
+        return r.read()
+
+
+def _sample(metrics: str, name: str) -> float:
+    values = [float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith(name + " ")]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
 async def send_text(ws: Any, text: str, step: int = 6) -> None:
     for k in range(0, len(text), step):
         await ws.send(orjson.dumps({"type": "text.delta", "text": text[k : k + step]}).decode())
@@ -104,6 +117,7 @@ async def test_jittered_upstream_every_segment_exact_and_in_order(
             events = await heard.until("turn.done")
         stats = fake.fake.stats()
         settings = gw.settings
+        metrics = (await asyncio.to_thread(_get, url, "/metrics")).decode()
     want = expected_segments(PARAGRAPH, settings)
     assert len(want) >= 4
     starts = [e for e in events if e["type"] == "segment.start"]
@@ -113,6 +127,13 @@ async def test_jittered_upstream_every_segment_exact_and_in_order(
     assert not [e for e in events if e["type"] in ("segment.error", "error")]
     # The streams really ran in parallel (several at once at the fake).
     assert stats.max_active >= 2 and stats.completed == len(want)
+    # Every forward pass reached the Prometheus histograms: one observation each of its
+    # windows and its time, and at least one window per chunk delivered.
+    passes = _sample(metrics, "voicegw_decode_batch_size_count")
+    assert passes >= 1
+    assert _sample(metrics, "voicegw_decode_batch_seconds_count") == passes
+    assert _sample(metrics, "voicegw_decode_batch_size_sum") >= passes
+    assert _sample(metrics, "voicegw_decode_batch_seconds_sum") > 0
 
     def check() -> None:
         for e in starts:
