@@ -104,7 +104,9 @@ class UpstreamSettings:
     snac_model: str = _f("hubertsiuzdak/snac_24khz", doc="hub id, local dir, or 'random'")
     snac_device: str = _f("auto", pattern=r"auto|cpu|cuda(:\d+)?", doc="auto, cpu or cuda[:N]")
     snac_dtype: str = _f(
-        "float32", choices=("float32", "float16", "bfloat16"), doc="fp16/bf16 on CUDA only"
+        "float32",
+        choices=("float32", "tf32", "float16", "bfloat16"),
+        doc="tf32/fp16/bf16 on CUDA only (float32 is strict: no TF32)",
     )
 
     @property

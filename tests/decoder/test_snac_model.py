@@ -164,8 +164,9 @@ def test_device_and_dtype_errors_are_not_hidden_by_demo_mode() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA device"):
             load_snac(settings("random", device="cuda"), demo=True)
-    with pytest.raises(ModelLoadError, match="needs a CUDA device"):
-        load_snac(settings("random", device="cpu", dtype="bfloat16"), demo=True)
+    for dtype in ("bfloat16", "float16", "tf32"):
+        with pytest.raises(ModelLoadError, match="needs a CUDA device"):
+            load_snac(settings("random", device="cpu", dtype=dtype), demo=True)
 
 
 def test_only_the_24khz_layout_is_accepted() -> None:
