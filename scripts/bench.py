@@ -102,6 +102,9 @@ class Config:
     max_n: int
     stagger_ms: float
     torch_threads: int
+    snac_device: str
+    snac_dtype: str
+    max_batch: int
     voice: str
     baseline: tuple[str, ...]
     baseline_min_sessions: int
@@ -121,6 +124,9 @@ _VOCABULARY = (
     "of rain while a quiet dog waited patiently near the door for its owner to return"
 )
 _WORDS = _VOCABULARY.split()
+
+
+DTYPES = ("float32", "tf32", "float16", "bfloat16")
 
 
 def session_text(i: int, sentences: int, seed: int) -> str:
@@ -231,6 +237,7 @@ class SessionResult:
 
 async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> SessionResult:
     from websockets.asyncio.client import connect
+    from websockets.exceptions import WebSocketException
 
     res = SessionResult(i)
     text = session_text(i, cfg.sentences, cfg.seed)
@@ -238,7 +245,13 @@ async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> Ses
     res.segments = len(want)
     deltas = llm_deltas(text, cfg.llm_cps, cfg.seed + i)
     await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
-    async with connect(url, max_size=None, compression=None) as ws:
+    seen: list[tuple[int, str]] = []
+    got: dict[int, int] = {}
+    failed: set[int] = set()
+    t0 = time.perf_counter()
+
+    async def talk(ws: Any) -> None:
+        nonlocal t0
         ready = orjson.loads(await ws.recv())
         assert ready["type"] == "session.ready", ready
         await ws.send(orjson.dumps({"type": "session.update", "voice": cfg.voice}).decode())
@@ -254,9 +267,6 @@ async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> Ses
             await ws.send('{"type":"text.end"}')
 
         feeder = asyncio.create_task(feed())
-        seen: list[tuple[int, str]] = []
-        got: dict[int, int] = {}
-        failed: set[int] = set()
         current: int | None = None
         try:
             async with asyncio.timeout(cfg.session_timeout_s):
@@ -291,6 +301,13 @@ async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> Ses
             feeder.cancel()
             with contextlib.suppress(BaseException):
                 await feeder
+
+    try:
+        async with connect(url, max_size=None, compression=None, open_timeout=60) as ws:
+            await talk(ws)
+    except (OSError, TimeoutError, WebSocketException) as exc:
+        # An overloaded gateway that cannot even accept the session: a result, not a crash.
+        res.error(f"connection:{type(exc).__name__}")
     # Lost: not spoken, failed, or short. Reordered: out of text order.
     seqs = [s for s, _ in seen]
     res.reordered = sum(1 for a, b in itertools.pairwise(seqs) if b != a + 1)
@@ -582,12 +599,13 @@ def gateway_config(path: Path, port: int, vllm_port: int, snac: Path, cfg: Confi
                 "max_concurrent_requests": cfg.max_num_seqs,
                 "request_queue_size": 4096,
                 "snac_model": str(snac),
-                "snac_device": "cpu",
+                "snac_device": cfg.snac_device,
+                "snac_dtype": cfg.snac_dtype,
             }
         },
         "gateway": {
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-            "decoder": {"threads": cfg.torch_threads},
+            "decoder": {"threads": cfg.torch_threads, "max_batch": cfg.max_batch},
             "limits": {"max_sessions": 4096, "max_sessions_per_key": 4096},
         },
     }
@@ -611,6 +629,7 @@ class Round:
     cpu_s: float
     fake_cpu_s: float
     client_cpu_s: float
+    decode: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         s = self.sessions
@@ -647,7 +666,41 @@ class Round:
             "cpu_ms_per_audio_s": 1000 * self.cpu_s / audio if audio else None,
             "fake_vllm_cpu_s": self.fake_cpu_s,
             "client_cpu_s": self.client_cpu_s,
+            "decode": self.decode,
         }
+
+
+_DECODE_SERIES = (
+    "voicegw_decode_batch_seconds_sum",
+    "voicegw_decode_batch_seconds_count",
+    "voicegw_decode_batch_size_sum",
+)
+
+
+async def decode_counters(http: httpx.AsyncClient) -> dict[str, float]:
+    """The gateway's decode histograms' sums and counts (empty for the baseline)."""
+    try:
+        text = (await http.get("/metrics", timeout=10)).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _DECODE_SERIES:
+            out[name] = float(value)
+    return out
+
+
+def decode_delta(a: dict[str, float], b: dict[str, float], wall: float) -> dict[str, float]:
+    if not a or not b:
+        return {}
+    secs, passes, windows = (b.get(k, 0.0) - a.get(k, 0.0) for k in _DECODE_SERIES)
+    return {
+        "passes": passes,
+        "busy": secs / wall if wall else 0.0,  # the decode thread's share of the round
+        "mean_batch": windows / passes if passes else 0.0,
+        "ms_per_pass": 1000 * secs / passes if passes else 0.0,
+    }
 
 
 async def run_round(
@@ -671,6 +724,7 @@ async def run_round(
         timeout=httpx.Timeout(cfg.session_timeout_s),
         limits=httpx.Limits(max_connections=4096),
     ) as http:
+        dec0 = await decode_counters(http) if system == "gateway" else {}
         for w in range(waves):
             base = time.perf_counter() + 0.05
             jobs = []
@@ -684,7 +738,8 @@ async def run_round(
                     variant = system.removeprefix("baseline_")
                     jobs.append(baseline_session(http, i, cfg, variant, at))
             results.extend(await asyncio.gather(*jobs))
-    wall = time.perf_counter() - t_start
+        wall = time.perf_counter() - t_start
+        dec1 = await decode_counters(http) if system == "gateway" else {}
     return Round(
         system,
         n,
@@ -693,6 +748,7 @@ async def run_round(
         target.cpu() - cpu0,
         fake.cpu() - fcpu0,
         sum(me.cpu_times()[:2]) - me0,
+        decode_delta(dec0, dec1, wall),
     )
 
 
@@ -703,8 +759,19 @@ def describe(r: dict[str, Any]) -> str:
         f"{r['system']:>16} N={r['n']:<3} sessions={r['sessions']:<3} "
         f"TTFA p50={_f(t['p50'])} p99={_f(t['p99'])} ms  "
         f"stall p50={_f(st['p50'])} p99={_f(st['p99'])} ms  "
-        f"CPU/audio-s={_f(cpu)} ms  lost={r['lost']} reordered={r['reordered']} "
+        f"CPU/audio-s={_f(cpu)} ms  cores gw/fake/client="
+        f"{r['cpu_s'] / r['wall_s']:.2f}/{r['fake_vllm_cpu_s'] / r['wall_s']:.2f}/"
+        f"{r['client_cpu_s'] / r['wall_s']:.2f}{decode_text(r['decode'])}  "
+        f"lost={r['lost']} reordered={r['reordered']} "
         f"errors={r['errors'] or 0}  wall={r['wall_s']:.0f}s"
+    )
+
+
+def decode_text(d: dict[str, float]) -> str:
+    if not d:
+        return ""
+    return (
+        f"  decode busy={d['busy']:.2f} batch={d['mean_batch']:.1f} pass={d['ms_per_pass']:.1f} ms"
     )
 
 
@@ -903,6 +970,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     p.add_argument(
         "--torch-threads", type=int, default=1, help="intra-op threads, gateway and baseline"
     )
+    p.add_argument("--snac-device", default="cpu", help="gateway decoder device: cpu, cuda, cuda:N")
+    p.add_argument("--snac-dtype", default="float32", choices=DTYPES)
+    p.add_argument("--max-batch", type=int, default=16, help="gateway decoder.max_batch")
+    p.add_argument(
+        "--gateway-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more gateway settings, passed to `voicegw serve --set` (repeatable)",
+    )
     p.add_argument("--voice", default="tara")
     p.add_argument(
         "--baseline",
@@ -930,6 +1007,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Config]:
         max_n=ns.max_n,
         stagger_ms=ns.stagger_ms,
         torch_threads=ns.torch_threads,
+        snac_device=ns.snac_device,
+        snac_dtype=ns.snac_dtype,
+        max_batch=ns.max_batch,
         voice=ns.voice,
         baseline=base,
         baseline_min_sessions=ns.baseline_min_sessions,
@@ -964,6 +1044,8 @@ async def amain(ns: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             conf = tmpd / "gateway.yaml"
             gateway_config(conf, gport, fport, snac, cfg)
             gw_cmd = [py, "-m", "gateway", "--log-level", "warning", "serve", "--config", str(conf)]
+            for kv in ns.gateway_set:
+                gw_cmd += ["--set", kv]
             gw_url = f"http://127.0.0.1:{gport}"
             print(f"gateway: {shlex.join(gw_cmd)}", flush=True)
             with started("gateway", gw_cmd, gw_url + "/readyz", logs) as gw:
@@ -1001,7 +1083,8 @@ async def amain(ns: argparse.Namespace, cfg: Config) -> dict[str, Any]:
             "upstream": "fake vLLM (gateway/fake_vllm.py): vLLM's wire format and scheduling, "
             "deterministic codes at a fixed tokens/s per stream; no GPU, no Orpheus",
             "decoder": "SNAC 24 kHz architecture with seeded random weights: identical "
-            "compute to the real weights, noise instead of speech",
+            f"compute to the real weights, noise instead of speech; on {cfg.snac_device} "
+            f"({cfg.snac_dtype})",
             "llm": "text deltas of 2-6 characters at a fixed average rate",
             "player": "simulated: starts after the first audio plus player_start_ms, "
             "plays at 24 kHz, stalls counted whenever it runs dry",

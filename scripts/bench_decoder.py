@@ -69,6 +69,9 @@ DEFAULT_WEIGHTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
 Row = dict[str, Any]
 
 
+DTYPES = ("float32", "tf32", "float16", "bfloat16")
+
+
 def random_frames(n: int, seed: int) -> list[Frame]:
     rng = np.random.default_rng(seed)
     return [tuple(int(c) for c in r) for r in rng.integers(0, 4096, (n, 7))]  # type: ignore[misc]
@@ -302,7 +305,7 @@ def gpu_sweep(args: argparse.Namespace, weights: Path, batches: list[int]) -> li
     )
     ref = decode_utterance(ref_loaded, frames)[plan.keep_start : plan.keep_end]
     del ref_loaded
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "tf32", "bfloat16", "float16"):
         try:
             loaded = load_snac(
                 UpstreamSettings(
@@ -363,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--streams", default="1,4,16", help="stream counts to batch (default 1,4,16)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--repeats", type=int, default=2, help="runs of single-stream rows (best of)")
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="random weights cache")
     ap.add_argument("--gpu-sweep", action="store_true", help="batch 1..128 sweep, fp32 and bf16")

@@ -207,14 +207,24 @@ class SnacEngine:
         return out  # type: ignore[return-value]
 
     def _decode_stack(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
-        latents = []
-        for p in plans:
-            lo, steps, _, _ = self._geometry(p)
-            # Latents per window, not per stack: the quantizer's projections then see the
-            # same shapes whether or not the window is stacked with others.
-            latents.append(self._latents(p.frames)[:, :, lo : lo + steps])
+        # Latents per window length, not per window: one host-to-device copy of the codes
+        # and one quantizer pass for all the stack's windows of a length. Per window, that
+        # was three copies (each a blocking copy that gives up the GIL and must win it back
+        # from the event loop) and a dozen small kernels, which dominated a GPU pass.
+        # Windows of different lengths still get their own quantizer pass, so a window's
+        # latents never depend on what it is stacked with; on CPU (one window per pass)
+        # this is exactly the single-window computation.
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(plans):
+            by_len.setdefault(len(p.frames), []).append(i)
+        parts: list[torch.Tensor | None] = [None] * len(plans)
+        for idx in by_len.values():
+            lat = self._latents(np.asarray([plans[i].frames for i in idx], dtype=np.int64))
+            for row, i in enumerate(idx):
+                lo, steps, _, _ = self._geometry(plans[i])
+                parts[i] = lat[row : row + 1, :, lo : lo + steps]
         _, _, k0, k1 = self._geometry(plans[0])  # the same for the whole stack
-        z = latents[0] if len(latents) == 1 else torch.cat(latents, dim=0)
+        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # type: ignore[arg-type]
         audio = to_int16(self._run_decoder(z, k0, k1)).cpu().numpy()[:, 0, :]
         result = []
         for row, p in zip(audio, plans, strict=True):
@@ -223,10 +233,10 @@ class SnacEngine:
             result.append(np.ascontiguousarray(row))
         return result
 
-    def _latents(self, frames: Sequence[Frame]) -> torch.Tensor:
-        codes = torch.from_numpy(np.asarray(frames, dtype=np.int64)[None])
-        lv = [c.to(self._device) for c in levels(codes)]
-        return self._model.quantizer.from_codes(lv)
+    def _latents(self, codes: np.ndarray) -> torch.Tensor:
+        """Latents ``[B, C, steps]`` of code frames ``[B, n, 7]`` (one copy to the device)."""
+        t = torch.from_numpy(codes).to(self._device)
+        return self._model.quantizer.from_codes(levels(t))
 
     def warm_up(self, policy: ChunkPolicy, max_batch: int = 1) -> None:
         """Decode the window shapes a segment starts with, once, at start-up.

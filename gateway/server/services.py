@@ -140,6 +140,14 @@ def run_server(settings: Settings) -> int:
 
     from gateway.server.app import create_app
 
+    interval = settings.gateway.decoder.switch_interval_ms
+    if interval > 0:
+        # The decode thread and the event loop share the GIL. Each torch op releases it, and
+        # getting it back from a busy loop waits up to the switch interval (Python's default
+        # 5 ms): with CUDA SNAC and a loop near one core, that made a 9 ms forward pass take
+        # 34-43 ms (H100, 24-64 sessions, scripts/bench.py). 1 ms also bounds how long the
+        # decode thread's Python code can hold up the loop.
+        sys.setswitchinterval(interval / 1000.0)
     app = create_app(settings, real_services)
     srv = settings.gateway.server
     config = uvicorn.Config(
