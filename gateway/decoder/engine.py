@@ -48,7 +48,7 @@ from torch import nn
 from gateway.core.chunker import ChunkPlan, ChunkPolicy, check_frame
 from gateway.decoder.snac_model import HOP, LATENTS_PER_FRAME, LoadedModel, positional_ops
 from gateway.errors import DecoderError
-from gateway.vocab import SAMPLES_PER_FRAME, Frame
+from gateway.vocab import SAMPLES_PER_FRAME
 
 _L1 = [1, 4]
 _L2 = [2, 3, 5, 6]
