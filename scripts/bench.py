@@ -5,8 +5,9 @@ Three processes, so that each one's CPU can be measured on its own:
 
 * the fake vLLM (``voicegw fake-vllm``) at a given tokens/s per stream and time to first
   token; its codes are a pure function of (voice, text), so every run decodes the same;
-* the gateway (``voicegw serve``): CPU SNAC with seeded random weights (the real 24 kHz
-  architecture, so the compute is identical to the real weights; the audio is noise);
+* the gateway (``voicegw serve``): SNAC (on CPU unless ``--snac-device cuda``) with seeded
+  random weights (the real 24 kHz architecture, so the compute is identical to the real
+  weights; the audio is noise);
 * this process: the load generator. N concurrent WebSocket sessions, each streaming a
   multi-sentence reply as small deltas at an LLM-like rate (``--llm-cps``).
 
@@ -917,7 +918,8 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], cfg: Config, cap:
     ax2.set_yscale("log")
     fig.suptitle(
         f"fake vLLM {cfg.tokens_per_second:g} tok/s, TTFT {cfg.first_token_ms:g} ms; "
-        f"LLM {cfg.llm_cps:g} chars/s; {cfg.sentences} sentences/session; CPU SNAC",
+        f"LLM {cfg.llm_cps:g} chars/s; {cfg.sentences} sentences/session; "
+        f"SNAC on {cfg.snac_device} ({cfg.snac_dtype})",
         fontsize=9,
     )
     fig.tight_layout()
