@@ -148,6 +148,83 @@ OFFLINE_INTERRUPT = """async () => {
           flushed: events.filter(e => e.type === 'flushed').map(e => e.dropped)};
 }"""
 
+# The page and the network worker each learn of an interrupt; the worklet gets the page's
+# word on its own port and the worker's marker on the data port, in either order. Here:
+# interrupt 1 reaches the worklet from the page first, then PCM the worker sent before it
+# knew (stale: must be discarded, never played), then the worker's marker and the next
+# turn. Interrupt 2 comes the other way round: the marker first, the next turn right behind
+# it, and the page's message late, when it must not flush the audio that followed.
+OFFLINE_EPOCHS = """async () => {
+  const R = 24000;
+  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R, sampleRate: R});
+  await ctx.audioWorklet.addModule('/worklet.js');
+  const node = new AudioWorkletNode(ctx, 'pcm-player', {
+    numberOfInputs: 0, outputChannelCount: [1]});
+  node.connect(ctx.destination);
+  const ch = new MessageChannel();
+  node.port.postMessage({type: 'data', port: ch.port1}, [ch.port1]);
+  const data = ch.port2;
+  const waiters = new Map(), events = [];
+  let nextId = 1, last = null;
+  node.port.onmessage = ({data: m}) => {
+    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
+    else if (m.type === 'stats') last = m.stats;
+    else events.push(m);
+  };
+  const sync = () => new Promise(r => {
+    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
+  });
+  const until = async (pred) => { for (;;) { const s = await sync(); if (pred(s)) return s; } };
+  const tone = (n, f) => {
+    const x = new Int16Array(n);
+    for (let i = 0; i < n; i++) x[i] = Math.round(12000 * Math.sin(2 * Math.PI * f * i / R));
+    return x;
+  };
+  const old = tone(24000, 300), stale = tone(2400, 700), next = tone(4800, 510);
+  const third = tone(2400, 640);
+  const send = (x) => { const b = x.slice().buffer; data.postMessage({type: 'pcm', buf: b}, [b]); };
+  data.postMessage({type: 'seg', key: '0:0'});
+  send(old);
+  await until(s => s.samplesReceived === 24000);
+  ctx.suspend(0.4).then(async () => {
+    node.port.postMessage({type: 'interrupt', epoch: 1});
+    await sync();  // the page's interrupt is in: what follows on the data port is in flight
+    send(stale);
+    data.postMessage({type: 'end', turn: 0});
+    data.postMessage({type: 'epoch', epoch: 1});
+    data.postMessage({type: 'seg', key: '1:0'});
+    send(next);
+    data.postMessage({type: 'segend', key: '1:0'});
+    data.postMessage({type: 'end', turn: 1});
+    await until(s => s.samplesReceived === 24000 + 4800);
+    ctx.resume();
+  });
+  ctx.suspend(0.7).then(async () => {
+    data.postMessage({type: 'epoch', epoch: 2});
+    data.postMessage({type: 'seg', key: '2:0'});
+    send(third);
+    data.postMessage({type: 'end', turn: 2});
+    await until(s => s.samplesReceived === 24000 + 4800 + 2400);
+    node.port.postMessage({type: 'interrupt', epoch: 2});  // late: already applied
+    await sync();
+    ctx.resume();
+  });
+  const out = (await ctx.startRendering()).getChannelData(0);
+  await new Promise(r => setTimeout(r, 100));
+  const find = (x, from) => {  // where x plays bit-exact (after its 2 ms fade-in)
+    for (let o = from; o < from + 2000; o++) {
+      let ok = true;
+      for (let k = 60; k < x.length && ok; k++) ok = out[o + k] === x[k] / 32768;
+      if (ok) return o;
+    }
+    return -1;
+  };
+  return {stats: last, nextAt: find(next, 0.4 * R), thirdAt: find(third, 0.7 * R),
+          flushed: events.filter(e => e.type === 'flushed').map(e => e.dropped),
+          segstarts: events.filter(e => e.type === 'segstart').map(e => e.key),
+          turnends: events.filter(e => e.type === 'turnend').map(e => e.turn)};
+}"""
+
 IDLE = """n => {
   const s = voicegw.stats();
   return s.turnsDone.length >= n && !s.busy && s.state === 'idle';
@@ -411,6 +488,29 @@ def test_worklet_interrupt_fades_in_8ms_flushes_and_keeps_the_next_turn(open_pag
     assert s["samplesReceived"] == 24000 + 4800
     assert s["samplesPlayed"] + s["samplesDropped"] == s["samplesReceived"]
     assert s["underruns"] == 0 and s["state"] == "idle"
+
+
+def test_worklet_discards_audio_in_flight_across_an_interrupt_in_either_order(
+    open_page: Any,
+) -> None:
+    page = open_page(wait_connected=False)
+    r = page.evaluate(OFFLINE_EPOCHS)
+    s = r["stats"]
+    # The stale PCM was discarded on arrival, never written, never played; its turn-end
+    # mark went with it.
+    assert s["samplesDiscarded"] == 2400
+    assert s["samplesReceived"] == 24000 + 4800 + 2400
+    # Both turns after the interrupts play whole and bit-exact, in order.
+    assert r["nextAt"] > 0 and r["thirdAt"] > r["nextAt"]
+    assert r["segstarts"] == ["0:0", "1:0", "2:0"]
+    assert r["turnends"] == [1, 2]
+    # Two flushes: interrupt 1 (the page's word first) cut the old turn; interrupt 2 (the
+    # worker's marker first) found nothing queued, and the page's late word for it did not
+    # flush the turn that followed.
+    assert len(r["flushed"]) == 2 and r["flushed"][0] > 0 and r["flushed"][1] == 0
+    assert s["samplesPlayed"] + s["samplesDropped"] == s["samplesReceived"]
+    assert s["samplesDropped"] == r["flushed"][0]
+    assert s["underruns"] == 0 and s["state"] == "idle" and s["epoch"] == 2
 
 
 def test_resampling_in_the_worklet_counts_exactly(open_page: Any, output_dir: Path) -> None:
