@@ -62,7 +62,9 @@ const counters = {
   lastFlush: null,
   underrunLog: [], // {at, time, ms}
   startLog: [], // {buffered, afterUnderrun}: playback (re)starts and their prebuffer
-  lowWaterLog: [], // {turn, lowWaterMs}: the least audio queued while each turn played
+  // {turn, lowWaterMs, lowWaterAtMs}: the least audio queued while each turn played, and
+  // how far into the turn's audio that was.
+  lowWaterLog: [],
 };
 const eventLog = [];
 
@@ -253,7 +255,11 @@ function onPlayerEvent(m) {
       break;
     }
     case "turnend": {
-      remember(counters.lowWaterLog, { turn: m.turn, lowWaterMs: m.lowWaterMs });
+      remember(counters.lowWaterLog, {
+        turn: m.turn,
+        lowWaterMs: m.lowWaterMs,
+        lowWaterAtMs: m.lowWaterAtMs,
+      });
       const e = entriesByTurn.get(m.turn);
       if (e && e.status !== "interrupted" && e.status !== "error") e.setStatus("done");
       break;

@@ -18,8 +18,8 @@ export class Player {
     this.snapshots = new Map();
     this.nextSnapshot = 1;
     this.forcedRate = null;
-    // Between an interrupt and the worklet's first stats after it, the (up to 25 ms old)
-    // periodic stats may still show audio queued; this says it is already gone.
+    // Between an interrupt and the end of the worklet's fade-out, the (up to 25 ms old)
+    // periodic stats may still show the old audio; this says it is already gone.
     this.flushed = false;
     this.epoch = 0;
     // Messages posted on a port before its other end is started are queued, so the worker
@@ -104,13 +104,22 @@ export class Player {
     });
   }
 
+  // The interrupt is done once the worklet has seen it and finished fading out: whatever
+  // it holds from then on is later audio. Until then the page must not count the old
+  // audio as playing (a second keystroke would be taken for a second interrupt).
+  noteFlush(stats) {
+    if (this.flushed && stats.epoch >= this.epoch && stats.state !== "fading") {
+      this.flushed = false;
+    }
+  }
+
   onMessage(m) {
     if (m.type === "stats") {
       this.stats = m.stats;
-      if (m.stats.epoch >= this.epoch) this.flushed = false;
+      this.noteFlush(m.stats);
     } else if (m.type === "snapshot") {
       this.stats = m.stats;
-      if (m.stats.epoch >= this.epoch) this.flushed = false;
+      this.noteFlush(m.stats);
       const resolve = this.snapshots.get(m.id);
       this.snapshots.delete(m.id);
       if (resolve) resolve(m.stats);

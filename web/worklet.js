@@ -85,6 +85,8 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     // The least audio queued (source samples) while the turn was playing and not yet
     // complete: how close this turn came to an underrun. Infinity until measured.
     this.lowWater = Infinity;
+    this.lowWaterAt = 0; // where in the turn (source samples played) it happened
+    this.turnPlayed0 = 0; // `played` when the turn started
     this.frame = 0; // output frames rendered since start
     this.lastAudibleTime = -1; // context time of the last output frame above AUDIBLE
     this.peak = 0;
@@ -243,7 +245,11 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
   }
 
   startPlaying() {
-    if (this.underrunStart < 0) this.lowWater = Infinity; // a new turn, not a resume
+    if (this.underrunStart < 0) {
+      // A new turn, not a resume after an underrun.
+      this.lowWater = Infinity;
+      this.turnPlayed0 = this.played;
+    }
     // Reported so the page (and the tests) can see the prebuffer actually held.
     this.port.postMessage({
       type: "start",
@@ -286,6 +292,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     let lastAudible = -1;
     if (this.state === "playing" && !this.turnEnded() && this.available() < this.lowWater) {
       this.lowWater = this.available();
+      this.lowWaterAt = this.played - this.turnPlayed0;
     }
 
     for (let i = 0; i < n; i++) {
@@ -391,6 +398,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
           turn: m.turn,
           time: currentTime,
           lowWaterMs: this.lowWaterMs(),
+          lowWaterAtMs: (this.lowWaterAt / SOURCE_RATE) * 1000,
         });
       }
     }
