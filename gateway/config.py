@@ -146,6 +146,9 @@ class DecoderSettings:
     max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")
     queue_size: int = _f(4096, lo=1, hi=1_000_000, doc="pending decode jobs, all sessions")
     threads: int = _f(0, lo=0, hi=256, doc="torch intra-op threads; 0 = torch default")
+    urgent_hold_ms: float = _f(
+        150.0, lo=0.0, hi=1000.0, doc="CPU: far-ahead windows wait this long after urgent ones"
+    )
     switch_interval_ms: float = _f(
         1.0, lo=0.0, hi=100.0, doc="GIL switch interval of `voicegw serve` (ms); 0 = Python's 5"
     )

@@ -47,6 +47,9 @@ log = logging.getLogger("gateway.decoder")
 
 Deadline = Callable[[], float] | float | None
 
+_URGENT_S = 0.3
+"""A window due within this many seconds is urgent (see ``DecodeWorker._select``)."""
+
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, math.inf)
 QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
     0.001,
@@ -173,6 +176,9 @@ class DecodeWorker:
         self._max_batch = int(settings.max_batch)
         self._max_wait = float(settings.max_wait_ms) / 1000.0
         self._queue_size = int(settings.queue_size)
+        self._hold = float(getattr(settings, "urgent_hold_ms", 0.0)) / 1000.0
+        self._urgent_done = -math.inf  # time.monotonic() when the last urgent pass ended
+        self._picked_urgent = False
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._streams: set[DecodeStream] = set()
@@ -381,6 +387,8 @@ class DecodeWorker:
                 if batch is None:
                     return
                 self._decode(batch)
+                if self._picked_urgent:
+                    self._urgent_done = time.monotonic()
         except Exception as exc:
             # A bug in the worker itself (decode errors are handled per stream in
             # _decode). Fail loudly rather than leave every stream waiting forever:
@@ -417,15 +425,21 @@ class DecodeWorker:
                     self._cond.wait(remaining)
                 if self._stopping:
                     return None
-                if self._pending:
+                if not self._pending:
+                    continue
+                batch, hold = self._select()
+                if batch:
                     break
-            batch = self._select()
+                # Only far-ahead work is pending, right after urgent work: keep the thread
+                # free for the next urgent window (a new job wakes us at once).
+                self._cond.wait(hold)
             chosen = {id(j) for j in batch}
             self._pending = [j for j in self._pending if id(j) not in chosen]
             return batch
 
-    def _select(self) -> list[_Job]:
-        """The most urgent job and those of the ``max_batch`` most urgent it can stack with."""
+    def _select(self) -> tuple[list[_Job], float]:
+        """The most urgent job and those of the ``max_batch`` most urgent it can stack with;
+        or none, and for how long to hold, when holding the thread for urgent work."""
         keys: dict[int, tuple[float, tuple[str, int, int, int]]] = {}
         anchors: dict[int, float] = {}
         for j in self._pending:
@@ -435,12 +449,26 @@ class DecodeWorker:
             deadline = anchors[sid] + j.plan.sample_offset / SAMPLE_RATE
             keys[id(j)] = (deadline, j.tie)
         top = heapq.nsmallest(self._max_batch, self._pending, key=lambda j: keys[id(j)])
+        # Urgent: due within _URGENT_S, i.e. a client close to running dry (a head segment
+        # early in its ramp). A pass cannot be interrupted, and on CPU a far-ahead window
+        # takes 40-170 ms: started in the gap between two urgent windows, it made the
+        # second one late (browser tests at 1.5x real time, three segments in flight:
+        # low-water marks of 5-50 ms where ~190 ms were due). So right after an urgent
+        # pass, far-ahead work waits up to urgent_hold_ms for the next urgent window;
+        # once no client is close to running dry it runs as before. GPU passes are short
+        # and stacked, so this applies only to one-window passes.
+        urgent = keys[id(top[0])][0] <= self._clock() + _URGENT_S
+        self._picked_urgent = urgent
+        if not urgent and self._hold > 0 and self._engine.max_stack == 1:
+            hold = self._urgent_done + self._hold - time.monotonic()
+            if hold > 0:
+                return [], hold
         group = top[0].group
         # No more than one forward pass at a time: where windows are decoded one per pass
         # (CPU), taking a whole group would run it to the end while a more urgent job (the
         # head segment's next chunk, whose codes just arrived) waits behind it. Measured on
         # 2 cores with two segments in flight at 1.5x real time: head chunks 400 ms late.
-        return [j for j in top if j.group == group][: max(1, self._engine.max_stack)]
+        return [j for j in top if j.group == group][: max(1, self._engine.max_stack)], 0.0
 
     def _decode(self, batch: list[_Job]) -> None:
         batch = [j for j in batch if not j.stream._closed]

@@ -71,27 +71,30 @@ class Synthesizer(Protocol):
 
 
 class _Sink:
-    __slots__ = ("_act", "_engine", "chunks")
+    __slots__ = ("_act", "_engine", "chunks", "samples")
 
     def __init__(self, engine: SessionEngine, act: StartSegment) -> None:
         self._engine = engine
         self._act = act
         self.chunks = 0
+        self.samples = 0  # this segment's audio handed to the protocol
 
     def audio(self, pcm: bytes) -> None:
         a = self._act
         self._engine.protocol.push(AudioChunk(a.epoch, a.seq, self.chunks, pcm))
         self.chunks += 1
+        self.samples += len(pcm) // 2
         self._engine.pump()
 
     def restart(self) -> bool:
         if self._engine.protocol.retract(self._act.epoch, self._act.seq):
             self.chunks = 0
+            self.samples = 0
             return True
         return False
 
     def deadline(self) -> float:
-        return self._engine.deadline(self._act.seq)
+        return self._engine.deadline(self._act.seq, self.samples)
 
     @property
     def audio_sent(self) -> bool:
@@ -146,8 +149,14 @@ class SessionEngine:
         """Tasks this engine still owns (for leak tests)."""
         return len(self._running) + len(self._dying) + (1 if self._chat_task else 0)
 
-    def deadline(self, seq: int) -> float:
-        """When the client's buffer runs dry before segment ``seq`` can play."""
+    def deadline(self, seq: int, pushed_samples: int = 0) -> float:
+        """When segment ``seq``'s first sample plays (the decoder adds each chunk's offset).
+
+        For the head segment, whose audio goes to the client as it comes, that is when the
+        client's buffer runs dry less the ``pushed_samples`` of it already sent: the next
+        sample, at that offset, is due exactly when the buffer runs dry. (Without the
+        correction every chunk of the head looked later than it was by all the audio the
+        segment had already played.) Later segments: an estimate a sentence apart."""
         now = self._clock()
         p = self.protocol
         if self._first_audio_at is None:
@@ -155,7 +164,9 @@ class SessionEngine:
         else:
             played = (p.samples_sent - self._first_audio_samples) / SAMPLE_RATE
             runout = max(now, self._first_audio_at + played)
-        return runout + max(0, seq - p.head_seq) * _SEGMENT_SPACING_S
+        if seq <= p.head_seq:
+            return runout - pushed_samples / SAMPLE_RATE
+        return runout + (seq - p.head_seq) * _SEGMENT_SPACING_S
 
     # -- driving ---------------------------------------------------------------------
 

@@ -155,6 +155,37 @@ async def test_one_pass_at_a_time_lets_an_urgent_job_in_between() -> None:
         await worker.stop()
 
 
+@pytest.mark.parametrize("hold_ms", [150.0, 0.0])
+async def test_far_ahead_work_waits_briefly_after_urgent_work_on_cpu(hold_ms: float) -> None:
+    # A CPU pass cannot be interrupted: a far-ahead window started between two urgent
+    # windows of a head segment (in its ramp, its client close to running dry) makes the
+    # second one late. With urgent_hold_ms the worker keeps itself free for a while after
+    # an urgent pass; without it, the far window goes first.
+    engine = FakeEngine(max_stack=1)
+    worker = await started(engine, max_batch=16, urgent_hold_ms=hold_ms)
+    try:
+        now = time.monotonic()
+        head = worker.open_stream(session_id="h", turn=0, seq=0, deadline=now)
+        far = worker.open_stream(session_id="f", turn=0, seq=1, deadline=now + 100.0)
+        readers = [asyncio.create_task(collect(s)) for s in (head, far)]
+        head.push(frames(5, salt=1))  # the head's first chunk: urgent
+        await until(lambda: len(engine.batches) == 1)
+        far.push(frames(5, salt=2))  # far ahead: due in 100 s
+        await asyncio.sleep(0.04)
+        head.push([frame(5, 1)])  # the head's next chunk, 40 ms later
+        head.end()
+        far.end()
+        await asyncio.gather(*readers)
+        decoded = order(engine, {1: "head", 2: "far"})
+        assert sorted(decoded) == [("far", 0), ("far", 1), ("head", 0), ("head", 1), ("head", 2)]
+        if hold_ms:  # the far windows waited for the head's, and then ran all the same
+            assert decoded[:3] == [("head", 0), ("head", 1), ("head", 2)]
+        else:
+            assert decoded[:2] == [("head", 0), ("far", 0)]
+    finally:
+        await worker.stop()
+
+
 async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=1)
