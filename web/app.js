@@ -414,16 +414,25 @@ function fmtMs(ms) {
   return ms >= 10000 ? `${(ms / 1000).toFixed(1)} s` : `${Math.round(ms).toLocaleString()} ms`;
 }
 
-// Live figures and the level meter, redrawn every animation frame.
+// Live figures (10 times a second) and the level meter (30 times a second, and not at all
+// once it has decayed to silence). Every frame drawn costs the same CPU cores that, on a
+// small device, also run the audio: an idle page draws nothing.
 const meter = $("meter");
 const meterCtx = meter.getContext("2d");
 const levels = new Array(48).fill(0);
 let lastText = 0;
+let lastMeter = 0;
+let meterSilent = false; // the bars are all drawn at zero
 
 function frame(now) {
   requestAnimationFrame(frame);
   const s = player.stats;
-  drawMeter(player.outputLevel());
+  if (now - lastMeter >= 33) {
+    lastMeter = now;
+    const level = player.outputLevel();
+    if (level > 0 || !meterSilent) drawMeter(level);
+    meterSilent = level === 0 && levels.every((v) => v === 0);
+  }
   if (now - lastText < 100) return;
   lastText = now;
   $("stat-ttfa").textContent = fmtMs(counters.ttfaMs);
@@ -445,6 +454,11 @@ function audioLine(s) {
   const path = s && s.resampling ? `24 kHz → ${rate} resampled` : `${rate} direct`;
   return `${s ? s.state : "starting"} · ${path}`;
 }
+
+// A resized canvas is cleared: draw the (silent) bars again.
+window.addEventListener("resize", () => {
+  meterSilent = false;
+});
 
 function drawMeter(level) {
   levels.push(Math.min(1, Math.sqrt(level) * 1.6)); // sqrt: speech levels are mostly low
