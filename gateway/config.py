@@ -142,6 +142,9 @@ class DecoderSettings:
     ramp_speed: float = _f(
         1.2, lo=1.01, hi=100.0, doc="slowest upstream speed (x real time) kept gap-free"
     )
+    ramp_slack_frames: float = _f(
+        1.5, lo=0.0, hi=16.0, doc="frame times the ramp keeps for decode and delivery"
+    )
     max_batch: int = _f(16, lo=1, hi=1024, doc="windows per batched decode")
     max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")
     queue_size: int = _f(4096, lo=1, hi=1_000_000, doc="pending decode jobs, all sessions")

@@ -59,6 +59,8 @@ class ChunkPolicy:
     ramp_speed: float = 1.2
     """The slowest generation speed (multiples of real time) at which the ramp still keeps
     a segment generated just in time playing: see :meth:`size`."""
+    ramp_slack_frames: float = 1.5
+    """Frame times of slack the ramp keeps for decoding and delivering each chunk."""
 
     def __post_init__(self) -> None:
         if self.context_frames < 0:
@@ -67,6 +69,8 @@ class ChunkPolicy:
             raise ValueError(f"first_chunk_frames must be >= 1, got {self.first_chunk_frames}")
         if self.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+        if not 0.0 <= self.ramp_slack_frames <= 16.0:
+            raise ValueError(f"ramp_slack_frames must be in [0, 16], got {self.ramp_slack_frames}")
         if not 1.0 < self.ramp_speed <= 100.0:
             raise ValueError(f"ramp_speed must be in (1, 100], got {self.ramp_speed}")
         if self.first_chunk_right_context < -1:
@@ -83,6 +87,7 @@ class ChunkPolicy:
             chunk_frames=settings.chunk_frames,
             first_chunk_right_context=settings.first_chunk_right_context,
             ramp_speed=settings.ramp_speed,
+            ramp_slack_frames=settings.ramp_slack_frames,
         )
 
     def size(self, index: int) -> int:
@@ -92,11 +97,15 @@ class ChunkPolicy:
         ``k`` can be decoded once its frames (and the same right context as the first
         chunk's) are generated, ``(S[k] - S[0]) / r`` frame times after the first chunk
         could; it must play once the chunks before it have, ``S[k-1]`` frame times after
-        the first chunk started (``S`` the running total of sizes). Keeping one frame time
-        of slack for the decode itself gives ``size[k] <= S[0] + (r - 1) * S[k-1] - r``:
-        sizes grow geometrically, by ``r - 1`` of the total so far, from one frame up to
-        ``chunk_frames``. (At 1.2, the default: 2, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6,
-        7, 8.) The client's prebuffer comes on top of that slack.
+        the first chunk started (``S`` the running total of sizes). Keeping ``s =
+        ramp_slack_frames`` frame times of slack for decoding and delivering the chunk
+        gives ``size[k] <= S[0] + (r - 1) * S[k-1] - r * s``: sizes grow geometrically,
+        by ``r - 1`` of the total so far, from one frame up to ``chunk_frames``. (The
+        defaults, 1.2 and 1.5: 2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6, 7, 8.)
+        The client's prebuffer comes on top of that slack. One frame of slack was not
+        enough on CPU: decoding a 2-frame chunk takes ~0.8 of a frame time there, and the
+        browser tests at 1.5x real time saw the first 2-frame chunk arrive 5-50 ms
+        before it was due in some runs.
         """
         first = self.first_chunk_frames
         if index == 0:
@@ -106,7 +115,8 @@ class ChunkPolicy:
         r = self.ramp_speed
         size, total = first, first
         for _ in range(index):  # reaches chunk_frames in O(log chunk_frames) steps
-            size = min(self.chunk_frames, max(1, math.floor(first + (r - 1) * total - r)))
+            grow = first + (r - 1) * total - r * self.ramp_slack_frames
+            size = min(self.chunk_frames, max(1, math.floor(grow + 1e-9)))
             if size == self.chunk_frames:
                 break
             total += size

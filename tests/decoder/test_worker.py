@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gateway.config import DecoderSettings
+from gateway.core.chunker import Chunker, ChunkPolicy
 from gateway.decoder.engine import SnacEngine, decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
 from gateway.decoder.worker import DecodeStream, DecodeWorker
@@ -25,6 +26,12 @@ def frames(n: int, salt: int = 0) -> list[Frame]:
 
 def settings(**kw: object) -> DecoderSettings:
     return dataclasses.replace(DecoderSettings(max_wait_ms=0.0), **kw)  # type: ignore[arg-type]
+
+
+def n_chunks(n: int) -> int:
+    """Chunks the default policy cuts ``n`` frames into (then the flushed rest)."""
+    ch = Chunker(ChunkPolicy.from_settings(settings()))
+    return len(ch.feed(frames(n)) + ch.flush())
 
 
 async def collect(stream: DecodeStream) -> bytes:
@@ -118,9 +125,10 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
         seen = order(engine, {1: "far", 2: "head"})
         # The far-ahead chunk already in hand finishes; then all of the head segment.
         assert seen[0] == ("far", 0)
-        # 20 frames are 11 chunks (2, 1, 1, 1, 1, 1, 2, 2, 2, 3, then the flushed 4).
-        assert [s for s, _ in seen[1 : 1 + 11]] == ["head"] * 11
-        assert all(s == "far" for s, _ in seen[12:])
+        k = n_chunks(20)  # 12: 2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, then the flushed 5
+        assert k == 12
+        assert [s for s, _ in seen[1 : 1 + k]] == ["head"] * k
+        assert all(s == "far" for s, _ in seen[1 + k :])
     finally:
         await worker.stop()
 
@@ -207,8 +215,9 @@ async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
         engine.gate.set()
         await asyncio.gather(*readers)
         seen = [x for x in order(engine, {1: "a", 2: "b", 3: "z"}) if x[0] != "z"]
-        # 17 frames are 10 chunks each (2, 1, 1, 1, 1, 1, 2, 2, 2, then the flushed 4).
-        assert seen == [(x, k) for k in range(10) for x in "ab"]
+        k = n_chunks(17)  # 11 each: 2, 1, 1, 1, 1, 1, 1, 1, 2, 2, then the flushed 4
+        assert k == 11
+        assert seen == [(x, i) for i in range(k) for x in "ab"]
     finally:
         await worker.stop()
 
@@ -404,14 +413,14 @@ async def test_stats_report_waits_decode_time_and_utilisation() -> None:
         s.end()
         await collect(s)
         st = worker.stats
-        # 17 frames are 10 chunks (2, 1, 1, 1, 1, 1, 2, 2, 2, then the flushed 4).
-        assert st.jobs == 10 and st.queue_depth == 0 and st.streams == 0
+        k = n_chunks(17)
+        assert st.jobs == k and st.queue_depth == 0 and st.streams == 0
         assert st.audio_seconds_total == pytest.approx(17 * 2048 / 24000)
-        assert st.decode_seconds_total >= 10 * 0.02
+        assert st.decode_seconds_total >= k * 0.02
         assert st.decode_seconds_per_audio_second > 0
         assert 0 < st.utilisation <= 1
         assert st.queue_wait_seconds_max >= 0.02  # later chunks waited for earlier ones
-        assert st.queue_wait_buckets[-1][1] == 10
+        assert st.queue_wait_buckets[-1][1] == k
         assert worker.health().ready
     finally:
         await worker.stop()
