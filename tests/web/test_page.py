@@ -94,11 +94,10 @@ OFFLINE_RENDER = """async ({rate, capacity}) => {
   return {maxErr, fadeOk, tail, stats: last, events};
 }"""
 
-# An interrupt at exactly 0.4 s, with the next turn's PCM arriving right behind it (as it
-# can on a fast link): the old audio must fade out, the rest of it be flushed, and the new
-# turn play bit-exact. Returns where the fade ended and the gain curve of the fade.
-OFFLINE_INTERRUPT = """async () => {
-  const R = 24000;
+# The offline tests' common start: a 1 s, 24 kHz OfflineAudioContext with the worklet,
+# its events and stats, `sync()` (a snapshot round trip: every message posted before it on
+# the worklet's port has been handled) and `tone(n, f)`.
+OFFLINE_SETUP = """  const R = 24000;
   const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R, sampleRate: R});
   await ctx.audioWorklet.addModule('/worklet.js');
   const node = new AudioWorkletNode(ctx, 'pcm-player', {
@@ -118,7 +117,13 @@ OFFLINE_INTERRUPT = """async () => {
     const x = new Int16Array(n);
     for (let i = 0; i < n; i++) x[i] = Math.round(12000 * Math.sin(2 * Math.PI * f * i / R));
     return x;
-  };
+  };"""
+
+# An interrupt at exactly 0.4 s, with the next turn's PCM arriving right behind it (as it
+# can on a fast link): the old audio must fade out, the rest of it be flushed, and the new
+# turn play bit-exact. Returns where the fade ended and the gain curve of the fade.
+OFFLINE_INTERRUPT = """async () => {
+/*SETUP*/
   const old = tone(24000, 300), next = tone(4800, 510);
   node.port.postMessage({type: 'pcm', buf: old.slice().buffer});
   await sync();
@@ -146,7 +151,7 @@ OFFLINE_INTERRUPT = """async () => {
   for (let i = 100; i < cut; i++) beforeExact &&= out[i] === old[i] / 32768;
   return {cut, start, gains, beforeExact, stats: last,
           flushed: events.filter(e => e.type === 'flushed').map(e => e.dropped)};
-}"""
+}""".replace("/*SETUP*/", OFFLINE_SETUP)
 
 # The page and the network worker each learn of an interrupt; the worklet gets the page's
 # word on its own port and the worker's marker on the data port, in either order. Here:
@@ -155,31 +160,11 @@ OFFLINE_INTERRUPT = """async () => {
 # turn. Interrupt 2 comes the other way round: the marker first, the next turn right behind
 # it, and the page's message late, when it must not flush the audio that followed.
 OFFLINE_EPOCHS = """async () => {
-  const R = 24000;
-  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R, sampleRate: R});
-  await ctx.audioWorklet.addModule('/worklet.js');
-  const node = new AudioWorkletNode(ctx, 'pcm-player', {
-    numberOfInputs: 0, outputChannelCount: [1]});
-  node.connect(ctx.destination);
-  const ch = new MessageChannel();
+/*SETUP*/
+  const ch = new MessageChannel();  // the network worker's data port
   node.port.postMessage({type: 'data', port: ch.port1}, [ch.port1]);
   const data = ch.port2;
-  const waiters = new Map(), events = [];
-  let nextId = 1, last = null;
-  node.port.onmessage = ({data: m}) => {
-    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
-    else if (m.type === 'stats') last = m.stats;
-    else events.push(m);
-  };
-  const sync = () => new Promise(r => {
-    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
-  });
   const until = async (pred) => { for (;;) { const s = await sync(); if (pred(s)) return s; } };
-  const tone = (n, f) => {
-    const x = new Int16Array(n);
-    for (let i = 0; i < n; i++) x[i] = Math.round(12000 * Math.sin(2 * Math.PI * f * i / R));
-    return x;
-  };
   const old = tone(24000, 300), stale = tone(2400, 700), next = tone(4800, 510);
   const third = tone(2400, 640);
   const send = (x) => { const b = x.slice().buffer; data.postMessage({type: 'pcm', buf: b}, [b]); };
@@ -223,7 +208,7 @@ OFFLINE_EPOCHS = """async () => {
           flushed: events.filter(e => e.type === 'flushed').map(e => e.dropped),
           segstarts: events.filter(e => e.type === 'segstart').map(e => e.key),
           turnends: events.filter(e => e.type === 'turnend').map(e => e.turn)};
-}"""
+}""".replace("/*SETUP*/", OFFLINE_SETUP)
 
 # Samplers that run inside the page every 30-50 ms and are read once at the end.
 HIGHLIGHT_SAMPLER = """() => {
