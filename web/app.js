@@ -142,8 +142,9 @@ function onServerEvent(msg, segBytes) {
       remember(counters.turnsDone, msg);
       const e = entryForTurn(msg.turn);
       if (!e) break;
-      // The worker has marked the turn's end in the worklet's queue. With audio, the entry is done when the worklet plays past the turn's end
-      // ("turnend"); without any (an empty turn, failed segments) it is done now.
+      // The worker has marked the turn's end in the worklet's queue. With audio, the entry
+      // is done when the worklet plays past that mark ("turnend"); without any (an empty
+      // turn, failed segments) it is done now.
       if (!e.hasAudio && ["pending", "streaming"].includes(e.status)) e.setStatus("done");
       break;
     }
@@ -207,12 +208,8 @@ function onError(msg) {
 
 function onConnectionLost() {
   stopStreamer();
-  if (busy()) {
-    // Same two halves as a user's interrupt: the worker just marks where old audio ends.
-    const epoch = ++interruptEpoch;
-    player.interrupt(epoch);
-    client.interrupt(epoch);
-  }
+  // With no socket left, the worker just marks where the old audio ends.
+  if (busy()) silence();
   for (const e of activeEntries()) e.setStatus("error", "connection lost");
   pendingEntries = [];
   // A new session numbers its turns from 0 again.
@@ -284,11 +281,19 @@ function onPlayerEvent(m) {
 
 // ---- actions ------------------------------------------------------------------------
 
+// The two halves of an interrupt, under one number: the worklet fades out and flushes at
+// once (local first: silence must not wait for the network), and the worker tells the
+// gateway and marks the data port where the old audio ends. Returns the context time.
+function silence() {
+  const epoch = ++interruptEpoch;
+  const ctxTime = player.interrupt(epoch);
+  client.interrupt(epoch);
+  return ctxTime;
+}
+
 function interrupt(reason) {
   if (!busy()) return false;
-  const epoch = ++interruptEpoch;
-  const ctxTime = player.interrupt(epoch); // local first: silence must not wait for the network
-  client.interrupt(epoch);
+  const ctxTime = silence();
   stopStreamer();
   counters.interrupts++;
   counters.lastInterrupt = { reason, ctxTime, at: performance.now() };

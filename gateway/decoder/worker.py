@@ -176,7 +176,7 @@ class DecodeWorker:
         self._max_batch = int(settings.max_batch)
         self._max_wait = float(settings.max_wait_ms) / 1000.0
         self._queue_size = int(settings.queue_size)
-        self._hold = float(getattr(settings, "urgent_hold_ms", 0.0)) / 1000.0
+        self._hold = float(settings.urgent_hold_ms) / 1000.0
         self._urgent_done = -math.inf  # time.monotonic() when the last urgent pass ended
         self._picked_urgent = False
         self._cond = threading.Condition()
