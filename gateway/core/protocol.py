@@ -117,6 +117,8 @@ class ProtocolOptions:
     segments_per_minute: int = 240
     reorder_buffer_bytes: int = 16 * 1024 * 1024
     max_pending_segments: int = 256
+    """Segments started ahead of the one playing (the reorder buffer's window). Text cut
+    beyond it waits as text, and starts as playback moves on."""
     chat_enabled: bool = False
     system_prompt: str = ""
     max_history_messages: int = 40
@@ -147,6 +149,7 @@ class _Seg:
     turn: _Turn
     turn_seq: int
     text: str
+    params: GenParams
     started: bool = False
     samples: int = 0
 
@@ -175,6 +178,10 @@ class SessionProtocol:
         self._epoch = 0
         self._next_seq = 0
         self._segs: dict[int, _Seg] = {}
+        # Cut but not started: over the reorder window or waiting for the rate limit.
+        # Bounded as text (see _on_delta); it starts in order as room appears.
+        self._held: deque[int] = deque()
+        self._held_chars = 0
         self._turns: deque[_Turn] = deque()
         self._open: _Turn | None = None  # the turn that text.delta appends to
         self._last_turn = -1
@@ -265,10 +272,13 @@ class SessionProtocol:
         self._release()
 
     def tick(self) -> None:
-        """Periodic: lets stalled text go out (the segmenter's idle flush)."""
-        if self._closed or self._open is None:
+        """Periodic: lets stalled text go out (the segmenter's idle flush) and starts held
+        segments whose rate-limit tokens have come back."""
+        if self._closed:
             return
-        self._cut(self._segmenter.tick())
+        if self._open is not None:
+            self._cut(self._segmenter.tick())
+        self._admit()
 
     # -- input: from the client ------------------------------------------------------
 
@@ -362,6 +372,15 @@ class SessionProtocol:
                 f"turn text would exceed {self.options.max_turn_chars} characters",
                 code=ErrorCode.TURN_TOO_LONG,
             )
+        # Across turns, text not yet started is bounded by the same figure: a client that
+        # queues turns faster than they play is told to wait, not buffered without end.
+        waiting = self._held_chars + len(self._segmenter.pending)
+        if waiting + len(text) > self.options.max_turn_chars:
+            raise ProtocolError(
+                f"{waiting} characters are waiting to be spoken; the limit is "
+                f"{self.options.max_turn_chars}: send more as audio plays",
+                code=ErrorCode.TURN_TOO_LONG,
+            )
         turn.chars += len(text)
         self._cut(self._segmenter.feed(text))
 
@@ -425,6 +444,8 @@ class SessionProtocol:
         self._turns.clear()
         self._open = None
         self._segs.clear()
+        self._held.clear()
+        self._held_chars = 0
         self._segmenter.reset()
         self._epoch += 1
         self._next_seq = 0
@@ -529,24 +550,24 @@ class SessionProtocol:
         for s in segments:
             seq = self._next_seq
             self._next_seq += 1
-            self._segs[seq] = _Seg(turn=turn, turn_seq=turn.count, text=s.text)
+            self._segs[seq] = _Seg(turn, turn.count, s.text, self._params)
             turn.count += 1
-            if self._take_token():
-                self._actions.append(
-                    StartSegment(
-                        self._epoch, seq, turn.number, turn.count - 1, s.text, self._params
-                    )
-                )
-            else:
-                self.push(
-                    SegmentFailed(
-                        self._epoch,
-                        seq,
-                        0,
-                        ErrorCode.RATE_LIMITED.value,
-                        f"more than {self.options.segments_per_minute} segments a minute",
-                    )
-                )
+            self._held.append(seq)
+            self._held_chars += len(s.text)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Start held segments, in order, while the reorder window has room and the rate
+        limit allows. Neither limit fails a segment: a long text is paced, never cut short
+        (a segment beyond the window used to overflow the buffer and wedge its turn)."""
+        limit = self._reorder.head + self.options.max_pending_segments
+        while self._held and self._held[0] < limit and self._take_token():
+            seq = self._held.popleft()
+            seg = self._segs[seq]
+            self._held_chars -= len(seg.text)
+            self._actions.append(
+                StartSegment(self._epoch, seq, seg.turn.number, seg.turn_seq, seg.text, seg.params)
+            )
 
     def _release(self) -> None:
         for item in self._reorder.take():
@@ -599,6 +620,7 @@ class SessionProtocol:
             # turn.done goes right after the turn's last segment, before the next turn's.
             self._complete_turns()
         self._complete_turns()  # a turn may also be complete with no segments at all
+        self._admit()  # the head moved: the window has room for held segments
 
     def _start_segment(self, seg: _Seg, epoch: int) -> None:
         seg.started = True

@@ -230,7 +230,7 @@ def test_session_update_applies_to_later_segments() -> None:
     assert a.params.voice == "tara" and a.params.temperature == 0.4 and a.params.max_tokens == 600
 
 
-def test_segment_rate_limit_fails_segments_in_place() -> None:
+def test_segment_rate_limit_paces_segments_and_never_fails_them() -> None:
     p, clock = make(segments_per_minute=2)
     events(p)
     send(p, type="text.delta", text="Ay. Bee. Sea.")
@@ -240,12 +240,109 @@ def test_segment_rate_limit_fails_segments_in_place() -> None:
     p.push(SegmentEnd(0, 0, 0))
     p.push(SegmentEnd(0, 1, 0))
     evts = events(p)
-    assert [e["type"] for e in evts][-2:] == ["segment.error", "turn.done"]
-    assert evts[-2]["code"] == "rate_limited"
+    assert [e["type"] for e in evts] == ["segment.start", "segment.end"] * 2
+    p.tick()
+    assert p.actions() == []  # no token yet: "Sea." waits as text
     clock.advance(30)  # one token back
+    p.tick()
+    (a,) = p.actions()
+    assert (a.seq, a.text) == (2, "Sea.")
+    p.push(SegmentEnd(0, 2, 0))
+    evts = events(p)
+    assert [e["type"] for e in evts] == ["segment.start", "segment.end", "turn.done"]
+    assert evts[-1]["segments"] == 3 and "rate_limited" not in p.errors
+
+
+def play_all(p: SessionProtocol, clock: FakeClock, window: int) -> list[dict | bytes]:
+    """A producer that ends every started segment in order, 4 a second of fake time,
+    checking that no more than ``window`` segments are ever started ahead of playback."""
+    out: list[dict | bytes] = []
+    started: list[int] = []
+    for _ in range(10_000):
+        started += [a.seq for a in p.actions() if isinstance(a, StartSegment)]
+        if started:
+            seq = started.pop(0)
+            assert not started or started[-1] - seq < window
+            p.push(AudioChunk(p.epoch, seq, 0, b"\x01\x00"))
+            p.push(SegmentEnd(p.epoch, seq, 1))
+        else:
+            clock.advance(0.25)
+            p.tick()
+        out += events(p)
+        if out and isinstance(out[-1], dict) and out[-1]["type"] == "turn.done":
+            return out
+    raise AssertionError("the turn never ended")
+
+
+def test_a_turn_longer_than_the_reorder_window_is_spoken_completely() -> None:
+    # The probe's case at default limits (window 256, 240 segments a minute): 300
+    # sentences used to give 16 rate_limited and 45 buffer_overflow, and no turn.done.
+    p, clock = make()
+    events(p)
+    text = "".join(f"S{i}. " for i in range(300))
+    for i in range(0, len(text), 50):
+        send(p, type="text.delta", text=text[i : i + 50])
+    send(p, type="text.end")
+    out = play_all(p, clock, window=256)
+    kinds = types(out)
+    assert kinds.count("segment.end") == 300 and "segment.error" not in kinds
+    assert "error" not in kinds and p.errors == {}
+    assert out[-1] == {"type": "turn.done", "turn": 0, "segments": 300, "samples": 300}
+    starts = [e["text"] for e in out if isinstance(e, dict) and e["type"] == "segment.start"]
+    assert starts == [f"S{i}." for i in range(300)]
+    # The session goes on: the next turn plays.
+    send(p, type="text.delta", text="Next.")
+    send(p, type="text.end")
+    out = play_all(p, clock, window=256)
+    assert out[0] == {"type": "segment.start", "turn": 1, "seq": 0, "text": "Next."}
+
+
+def test_segments_beyond_the_window_wait_as_text_until_playback_moves() -> None:
+    p, _ = make(max_pending_segments=2)
+    events(p)
+    send(p, type="text.delta", text="Ay. Bee. Sea. Dee.")
+    send(p, type="text.end")
+    assert [a.seq for a in p.actions()] == [0, 1]
+    p.push(SegmentEnd(0, 1, 0))  # a later segment ending first does not open the window
+    assert p.actions() == []
+    p.push(SegmentEnd(0, 0, 0))  # the head moves past 0 and 1: room for two more
+    assert [a.text for a in p.actions()] == ["Sea.", "Dee."]
+    p.push(SegmentEnd(0, 2, 0))
+    p.push(SegmentEnd(0, 3, 0))
+    assert types(events(p))[-1] == "turn.done"
+
+
+def test_text_waiting_across_turns_is_bounded_and_refused_with_an_error() -> None:
+    p, _ = make(max_pending_segments=1, max_turn_chars=20)
+    events(p)
+    send(p, type="text.delta", text="One. Two. Three.")  # 16 characters
+    send(p, type="text.end")
+    assert [a.seq for a in p.actions()] == [0]
+    send(p, type="text.delta", text="Four. Five.")  # "Two. Three." is still waiting
+    (err,) = events(p)
+    assert err["type"] == "error" and err["code"] == "turn_too_long"
+    assert "waiting to be spoken" in err["message"]
+    p.push(SegmentEnd(0, 0, 0))
+    p.push(SegmentEnd(0, 1, 0))  # only "Three." (6) waits now
+    events(p)
+    send(p, type="text.delta", text="Four. Five.")
+    send(p, type="text.end")
+    assert not [e for e in events(p) if e["type"] == "error"]
+
+
+def test_interrupt_drops_held_segments() -> None:
+    p, _ = make(max_pending_segments=1)
+    events(p)
+    send(p, type="text.delta", text="Ay. Bee. Sea.")
+    assert [a.seq for a in p.actions()] == [0]
+    send(p, type="interrupt")
+    p.push(SegmentEnd(0, 0, 0))  # stale: ignored
     send(p, type="text.delta", text="Dee.")
     send(p, type="text.end")
-    assert [a.text for a in p.actions()] == ["Dee."]
+    (a,) = [a for a in p.actions() if isinstance(a, StartSegment)]
+    assert (a.epoch, a.seq, a.text) == (1, 0, "Dee.")
+    p.push(SegmentEnd(1, 0, 0))
+    assert types(events(p))[-3:] == ["segment.start", "segment.end", "turn.done"]
 
 
 def test_chat_turn_streams_llm_text_and_keeps_history() -> None:
