@@ -18,6 +18,18 @@ set by ``ramp_speed``, the slowest generation speed it must keep gap-free (see
 ``ChunkPolicy.size``). Doubling (2, 4, 8) ran dry after the first and second chunks even at
 1.5x real time: audible gaps at the start of every segment generated just in time.
 
+When the caller knows when the audio is due (``feed(..., now=, due=)``: the time the
+first frame not yet planned must start playing), the fixed ramp gives way to cutting by
+deadline and by the generation speed measured from the frames' arrival: a chunk is cut
+when waiting for one more frame (``1 / speed`` frame times) would leave less than
+``ramp_slack_frames`` of slack before it is due, or when it is full. A segment far ahead
+of playback is then cut into full chunks from its start (about half the decode work of the
+ramp's one-frame chunks), a head segment into one-frame chunks only while the client has
+little audio, and a fast upstream reaches full chunks sooner than the fixed ramp assumes.
+A segment that is generated slower than real time cannot play without a gap once started,
+so its first chunk (the first release) waits until enough of it is in hand for the rest to
+arrive in time, from the measured speed and an estimate of its length.
+
 Every frame is emitted exactly once: the kept ranges of a segment's chunks tile
 ``[0, F * 2048)`` in order, for F complete frames, however the frames arrive.
 
@@ -33,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.errors import DecoderError
-from gateway.vocab import CODES_PER_FRAME, SAMPLES_PER_FRAME, Frame
+from gateway.vocab import CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, Frame
 
 CODE_LIMIT = 4096
 """Codes are indices into 4096-entry codebooks."""
@@ -41,6 +53,13 @@ CODE_LIMIT = 4096
 # Frames are dropped from the chunker's buffer in blocks, not one by one, so that the
 # list is not shifted on every chunk.
 _TRIM_BLOCK = 64
+
+FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
+"""Playing time of one frame (85.3 ms)."""
+
+# The generation speed is measured once this many frames have arrived after the first;
+# before that, ``ramp_speed`` stands in for it.
+_SPEED_AFTER_FRAMES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,18 +218,28 @@ class Chunker:
     """Plans the decode windows of one segment as its frames arrive.
 
     ``feed`` takes newly arrived frames and returns the chunks that became ready: a chunk
-    is ready once its right context has arrived. ``flush`` ends the segment and returns
+    is ready once its right context has arrived (and, with a deadline, once waiting for
+    more frames would make it late, or it is full). ``flush`` ends the segment and returns
     the remainder as a last chunk, whose window stops at the segment's true end.
+
+    ``expected_frames`` is an estimate of the segment's length (from its text), used only
+    to hold the first release of a segment generated slower than real time.
     """
 
-    def __init__(self, policy: ChunkPolicy | None = None) -> None:
+    def __init__(
+        self, policy: ChunkPolicy | None = None, *, expected_frames: int | None = None
+    ) -> None:
         self.policy = policy if policy is not None else ChunkPolicy()
+        self.expected_frames = expected_frames
         self._frames: list[Frame] = []
         self._base = 0  # segment index of self._frames[0]
         self._received = 0
         self._next = 0  # first frame not yet planned
         self._chunks = 0
         self._ended = False
+        self._t0: float | None = None  # when the first frames arrived
+        self._n0 = 0  # how many arrived then
+        self._speed: float | None = None
 
     @property
     def received(self) -> int:
@@ -232,31 +261,115 @@ class Chunker:
         return self._ended
 
     @property
+    def speed(self) -> float | None:
+        """Generation speed measured so far (multiples of real time), or None: frames
+        arrived after the first ones, over the time they took."""
+        return self._speed
+
+    @property
     def frames_needed(self) -> int:
-        """More frames needed before the next chunk is ready (0 once ended)."""
+        """More frames needed before the next chunk can be cut (0 once ended)."""
         if self._ended:
             return 0
         k = self._chunks
         ready_at = self._next + self.policy.size(k) + self.policy.right_context(k)
         return max(0, ready_at - self._received)
 
-    def feed(self, frames: Iterable[Iterable[Any]]) -> list[ChunkPlan]:
-        """Add frames (in order) and return the chunks that are now ready, in order."""
+    def feed(
+        self,
+        frames: Iterable[Iterable[Any]],
+        *,
+        now: float | None = None,
+        due: float | None = None,
+    ) -> list[ChunkPlan]:
+        """Add frames (in order) and return the chunks that are now ready, in order.
+
+        ``now`` is when they arrived and ``due`` when the first frame not yet planned must
+        start playing (seconds on any one clock). With both, chunks are cut by deadline
+        and measured speed (see the module docstring); without, by the fixed ramp.
+        ``feed([], now=, due=)`` re-plans at a later time with no new frames.
+        """
         if self._ended:
             raise DecoderError("frames fed after the segment ended")
         for f in frames:
             self._frames.append(check_frame(f))
             self._received += 1
+        if now is not None:
+            self._measure(now)
         out: list[ChunkPlan] = []
+        base = self._next
         while True:
-            k = self._chunks
-            end = self._next + self.policy.size(k)
-            window_end = end + self.policy.right_context(k)
-            if window_end > self._received:
+            # `due` is the deadline of frame `base`; later frames play after it.
+            due_k = None if due is None else due + (self._next - base) * FRAME_SECONDS
+            size = self._next_size(now, due_k)
+            if size == 0:
                 break
-            out.append(self._plan(end, window_end))
+            out.append(self._plan(self._next + size, self._next + size + self._rc()))
         self._trim()
         return out
+
+    def cut_time(self, due: float) -> float | None:
+        """The latest time at which the frames in hand must be cut into a chunk, if no
+        more arrive (a stalled upstream), for the audio to be ready by ``due``; None when
+        no chunk can be cut from them."""
+        k = self._chunks
+        if self._ended or self._received - self._next - self._rc() < self._min_size(k):
+            return None
+        return due - self._wait_cost()
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _rc(self) -> int:
+        return self.policy.right_context(self._chunks)
+
+    def _min_size(self, k: int) -> int:
+        return self.policy.first_chunk_frames if k == 0 else 1
+
+    def _measure(self, now: float) -> None:
+        if self._t0 is None:
+            if self._received:
+                self._t0, self._n0 = now, self._received
+            return
+        frames = self._received - self._n0
+        elapsed = now - self._t0
+        if frames >= _SPEED_AFTER_FRAMES and elapsed > 0:
+            self._speed = frames * FRAME_SECONDS / elapsed
+
+    def _wait_cost(self) -> float:
+        """Seconds that waiting for one more frame costs, plus the decode-and-deliver slack
+        the chunk must keep."""
+        speed = self._speed if self._speed is not None else self.policy.ramp_speed
+        return FRAME_SECONDS / speed + self.policy.ramp_slack_frames * FRAME_SECONDS
+
+    def _next_size(self, now: float | None, due: float | None) -> int:
+        """Frames the next chunk keeps if it is cut now; 0 to wait for more."""
+        k = self._chunks
+        can = self._received - self._next - self._rc()  # frames a chunk could keep now
+        if now is None or due is None:
+            size = self.policy.size(k)
+            return size if can >= size else 0
+        if can < self._min_size(k) or (k == 0 and not self._first_release_ok()):
+            return 0
+        if can >= self.policy.chunk_frames:
+            return self.policy.chunk_frames
+        if now + self._wait_cost() <= due:
+            return 0  # one more frame still arrives in time: a larger, cheaper chunk
+        return can
+
+    def _first_release_ok(self) -> bool:
+        """Slower than real time, a segment runs dry once it starts playing unless enough
+        of it is in hand: hold its first chunk until the rest, at the measured speed, can
+        arrive (with its right context and the slack) before each frame plays."""
+        speed, total = self._speed, self.expected_frames
+        if speed is None or speed >= 1.0 or total is None:
+            return True
+        slack = self.policy.ramp_slack_frames
+        # With n frames in hand when playback starts, frame j can be decoded once frame
+        # j + rc has arrived, (j + rc + 1 - n) / speed frame times later, and it plays j
+        # frame times later; below real time the last frame (j = total - 1) is the
+        # tightest.
+        need = total + self.policy.context_frames - speed * (total - 1 - slack)
+        return self._received >= need
 
     def flush(self) -> list[ChunkPlan]:
         """End the segment: plan what remains as one last chunk. Later calls return ``[]``.

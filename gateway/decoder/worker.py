@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway.clock import Clock, monotonic
-from gateway.core.chunker import Chunker, ChunkPlan, ChunkPolicy
+from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy
 from gateway.errors import BufferOverflowError, DecoderError, GatewayError, ModelLoadError
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -267,13 +267,23 @@ class DecodeWorker:
         turn: int,
         seq: int,
         deadline: Deadline = None,
+        plan_by_deadline: bool = False,
+        expected_frames: int | None = None,
     ) -> DecodeStream:
         """Open the stream of one segment. Call from the event loop.
 
         ``deadline`` is when the segment's first sample must play (seconds on the
-        worker's clock), or a callable returning it (evaluated in the worker thread, so it
-        must be cheap and thread-safe), or ``None`` for "now": audio is then needed in
-        real time from the moment the stream opens.
+        worker's clock), or a callable returning it, or ``None`` for "now": audio is then
+        needed in real time from the moment the stream opens.
+
+        With ``plan_by_deadline`` the chunks are cut by that deadline and the generation
+        speed measured from the frames' arrival (``Chunker.feed`` with ``now`` and
+        ``due``), and the deadline is evaluated on the event loop only, whenever frames
+        arrive: the worker thread sees its value, never the callable. Without it the fixed
+        ramp cuts the chunks and a callable deadline is evaluated in the worker thread, so
+        it must be cheap and thread-safe. ``expected_frames`` (an estimate of the
+        segment's length) lets a segment generated slower than real time hold its first
+        release until it can play through.
         """
         if self._stopping:
             raise DecoderError("the decoder is stopped", transient=True)
@@ -284,6 +294,8 @@ class DecodeWorker:
             seq=seq,
             deadline=self._clock() if deadline is None else deadline,
             loop=asyncio.get_running_loop(),
+            plan_by_deadline=plan_by_deadline,
+            expected_frames=expected_frames,
         )
         self._streams.add(stream)
         return stream
@@ -552,6 +564,8 @@ class DecodeStream:
         seq: int,
         deadline: Callable[[], float] | float,
         loop: asyncio.AbstractEventLoop,
+        plan_by_deadline: bool = False,
+        expected_frames: int | None = None,
     ) -> None:
         self._worker = worker
         self.session_id = session_id
@@ -559,7 +573,12 @@ class DecodeStream:
         self.seq = seq
         self._deadline: Callable[[], float] | float = deadline
         self._loop = loop
-        self._chunker = Chunker(worker.policy)
+        self._by_deadline = plan_by_deadline
+        # With plan_by_deadline: the deadline's value, written on the loop, read by the
+        # worker thread (a float crosses threads, the callable does not).
+        self._anchor_value = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._chunker = Chunker(worker.policy, expected_frames=expected_frames)
         self._results: dict[int, bytes] = {}
         self._next = 0  # next chunk index to hand out
         self._submitted = 0
@@ -591,14 +610,42 @@ class DecodeStream:
             return 0
         if self._total is not None:
             raise DecoderError("frames pushed after the segment ended")
-        plans = self._chunker.feed(frames)
+        if not self._by_deadline:
+            plans = self._chunker.feed(frames)
+            self._queue(plans)
+            return len(plans)
+        now = self._worker._clock()
+        anchor = self._eval_deadline()
+        self._anchor_value = anchor
+        ch = self._chunker
+        plans = ch.feed(frames, now=now, due=anchor + ch.planned_frames * FRAME_SECONDS)
         self._queue(plans)
+        # If no more frames come (a stalled upstream), cut what is in hand in time anyway.
+        self._disarm()
+        cut = ch.cut_time(anchor + ch.planned_frames * FRAME_SECONDS)
+        if cut is not None:
+            self._timer = self._loop.call_later(max(0.0, cut - now), self._replan)
         return len(plans)
+
+    def _replan(self) -> None:
+        self._timer = None
+        with contextlib.suppress(GatewayError):  # the stream has failed and says so
+            self.push([])
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _eval_deadline(self) -> float:
+        d = self._deadline
+        return float(d()) if callable(d) else d
 
     def end(self) -> int:
         """The segment is complete: queue what remains. Returns how many chunks were queued."""
         if self._cancelled or self._error is not None or self._total is not None:
             return 0
+        self._disarm()
         plans = self._chunker.flush()
         self._total = self._chunker.chunks
         self._queue(plans)
@@ -630,6 +677,7 @@ class DecodeStream:
             return
         self._cancelled = True
         self._closed = True
+        self._disarm()
         self._results.clear()
         self._worker._withdraw(self)
         self._wakeup.set()
@@ -639,13 +687,16 @@ class DecodeStream:
     def set_deadline(self, deadline: Callable[[], float] | float) -> None:
         """When this segment's first sample must play (or a callable returning it)."""
         self._deadline = deadline
+        self._anchor_value = self._eval_deadline()
 
     def set_runout(self, t: float) -> None:
         """The client runs out of audio at ``t``: the next unread sample must play then."""
-        self._deadline = t - self.delivered_seconds
+        self.set_deadline(t - self.delivered_seconds)
 
     def _anchor(self) -> float:
         # Runs in the worker thread. A failing deadline callable must not kill the worker.
+        if self._by_deadline:
+            return self._anchor_value
         d = self._deadline
         if callable(d):
             try:
@@ -716,6 +767,7 @@ class DecodeStream:
             return
         self._error = error
         self._closed = True
+        self._disarm()
         self._worker._withdraw(self)
         self._wakeup.set()
 

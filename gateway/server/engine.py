@@ -30,9 +30,9 @@ from gateway.vocab import SAMPLE_RATE, AudioChunk, SegmentEnd, SegmentFailed
 
 log = logging.getLogger("voicegw.session")
 
-# How far apart in time the deadlines of consecutive queued segments are assumed to be:
-# roughly one sentence of speech. Only the order matters to the decoder's scheduler.
-_SEGMENT_SPACING_S = 2.0
+MIN_SECONDS_PER_CHAR = 0.04
+"""Speech takes at least this long per character of text (25 characters a second, almost
+twice as fast as Orpheus speaks): how early a later segment's audio can be needed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +71,21 @@ class Synthesizer(Protocol):
 
 
 class _Sink:
-    __slots__ = ("_act", "_engine", "chunks", "samples")
+    __slots__ = ("_act", "_engine", "chunks", "finished", "samples")
 
     def __init__(self, engine: SessionEngine, act: StartSegment) -> None:
         self._engine = engine
         self._act = act
         self.chunks = 0
         self.samples = 0  # this segment's audio handed to the protocol
+        self.finished = False  # all of its audio was handed over (or it failed)
+
+    def seconds_at_least(self) -> float:
+        """A lower bound of this segment's whole audio, in seconds."""
+        known = self.samples / SAMPLE_RATE
+        if self.finished:
+            return known
+        return max(known, len(self._act.text) * MIN_SECONDS_PER_CHAR)
 
     def audio(self, pcm: bytes) -> None:
         a = self._act
@@ -131,6 +139,8 @@ class SessionEngine:
         self._on_metrics = on_metrics
         self._pending: deque[StartSegment] = deque()
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        # The current epoch's segments from the head on (seq -> sink), for deadlines.
+        self._sinks: dict[int, _Sink] = {}
         self._chat_task: asyncio.Task[None] | None = None
         self._dying: set[asyncio.Task[None]] = set()
         self._first_audio_at: float | None = None
@@ -156,7 +166,13 @@ class SessionEngine:
         client's buffer runs dry less the ``pushed_samples`` of it already sent: the next
         sample, at that offset, is due exactly when the buffer runs dry. (Without the
         correction every chunk of the head looked later than it was by all the audio the
-        segment had already played.) Later segments: an estimate a sentence apart."""
+        segment had already played.) A later segment's first sample plays once the segments
+        before it have: the earliest that can be is the audio they have at least (what
+        they have already produced, or a lower bound from their text while they are still
+        producing), not yet sent. Decoding uses it to cut a far-ahead segment into larger,
+        cheaper chunks, so it must never be late: a bound, not a guess.
+
+        Call it on the event loop (it reads the loop's state)."""
         now = self._clock()
         p = self.protocol
         if self._first_audio_at is None:
@@ -166,7 +182,14 @@ class SessionEngine:
             runout = max(now, self._first_audio_at + played)
         if seq <= p.head_seq:
             return runout - pushed_samples / SAMPLE_RATE
-        return runout + (seq - p.head_seq) * _SEGMENT_SPACING_S
+        ahead = 0.0
+        for j in range(p.head_seq, seq):
+            sink = self._sinks.get(j)
+            if sink is None:  # not started: nothing is known of it
+                continue
+            sent = sink.samples / SAMPLE_RATE if j == p.head_seq else 0.0
+            ahead += max(0.0, sink.seconds_at_least() - sent)
+        return runout + ahead
 
     # -- driving ---------------------------------------------------------------------
 
@@ -192,6 +215,9 @@ class SessionEngine:
                             self._first_audio_samples = self.protocol.samples_sent - audio // 2
                     self._on_output(out)
             self._start_ready()
+            head = self.protocol.head_seq
+            for seq in [q for q in self._sinks if q < head]:
+                del self._sinks[seq]
             self._on_metrics(self.protocol)
         finally:
             self._pumping = False
@@ -223,6 +249,7 @@ class SessionEngine:
             if key[0] < epoch:
                 del self._running[key]
                 self._bury(task)
+        self._sinks.clear()
         if self._chat_task is not None:
             self._bury(self._chat_task)
             self._chat_task = None
@@ -238,6 +265,8 @@ class SessionEngine:
     async def _produce(self, act: StartSegment) -> None:
         key = (act.epoch, act.seq)
         sink = _Sink(self, act)
+        if act.epoch == self.protocol.epoch:
+            self._sinks[act.seq] = sink
         job = SegmentJob(
             self.protocol.session_id, act.epoch, act.seq, act.turn, act.turn_seq, act.text,
             act.params,
@@ -255,6 +284,7 @@ class SessionEngine:
                 act.epoch, act.seq, sink.chunks, ErrorCode.INTERNAL.value, f"internal error: {exc}"
             )
         finally:
+            sink.finished = True
             if self._running.get(key) is asyncio.current_task():
                 del self._running[key]
         self.protocol.push(item)

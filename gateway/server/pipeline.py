@@ -20,6 +20,10 @@ from gateway.server.engine import SegmentJob, SegmentSink
 from gateway.upstream.client import TtsRequest
 from gateway.upstream.pool import Restart, UpstreamPool
 
+FRAMES_PER_CHAR = 0.8
+"""Orpheus speaks about 14 characters a second, 0.8 frames a character: an estimate of a
+segment's length for holding the first release of one generated slower than real time."""
+
 
 class Pipeline:
     def __init__(self, pool: UpstreamPool, worker: Any) -> None:
@@ -28,7 +32,12 @@ class Pipeline:
 
     def _open(self, job: SegmentJob, sink: SegmentSink) -> Any:
         return self.worker.open_stream(
-            session_id=job.session_id, turn=job.epoch, seq=job.seq, deadline=sink.deadline
+            session_id=job.session_id,
+            turn=job.epoch,
+            seq=job.seq,
+            deadline=sink.deadline,
+            plan_by_deadline=True,
+            expected_frames=round(len(job.text) * FRAMES_PER_CHAR),
         )
 
     async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:

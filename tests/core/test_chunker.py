@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import DecoderSettings
-from gateway.core.chunker import Chunker, ChunkPlan, ChunkPolicy, check_frame
+from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy, check_frame
 from gateway.errors import DecoderError
 from gateway.vocab import SAMPLES_PER_FRAME, Frame
 
@@ -250,3 +250,141 @@ def test_plans_do_not_depend_on_how_frames_arrive(
     one_by_one, _ = run(policy, total, [1] * total)
     bursts, _ = run(policy, total, splits)
     assert one_by_one == bursts
+
+
+# -- cutting by deadline and measured speed ----------------------------------------------
+
+F = FRAME_SECONDS
+DECODE = 1.0 * F  # decode and delivery of a chunk, within the policy's 1.5 frames of slack
+
+
+def simulate(
+    policy: ChunkPolicy,
+    total: int,
+    speed: float,
+    *,
+    lead: float | None = None,
+    expected: int | None = None,
+) -> tuple[list[ChunkPlan], list[float], list[float]]:
+    """A segment generated at ``speed`` (frames arriving one by one) and played from when
+    its first chunk is decoded, or ``lead`` seconds after its first frame arrives (a
+    segment far ahead of playback). Returns the plans, when each was decoded and when
+    each had to be ready (its first kept frame starts playing)."""
+    ch = Chunker(policy, expected_frames=expected)
+    plans: list[ChunkPlan] = []
+    ready: list[float] = []
+    play_start: float | None = None if lead is None else F / speed + lead
+
+    def due(now: float) -> float:
+        if play_start is None:
+            return now  # the client is waiting for this segment's first audio
+        return play_start + ch.planned_frames * F
+
+    for i in range(total):
+        now = (i + 1) * F / speed
+        new = ch.feed([frame(i)], now=now, due=due(now))
+        for p in new:
+            plans.append(p)
+            ready.append(now + DECODE)
+            if play_start is None:
+                play_start = now + DECODE
+    for p in ch.flush():
+        plans.append(p)
+        ready.append(total * F / speed + DECODE)
+    assert play_start is not None
+    needed = [play_start + p.start * F for p in plans]
+    return plans, ready, needed
+
+
+@pytest.mark.parametrize("speed", [1.2, 1.5, 2.0, 3.0])
+def test_a_head_segment_cut_by_deadline_plays_without_a_gap(speed: float) -> None:
+    p = ChunkPolicy()
+    plans, ready, needed = simulate(p, 200, speed)
+    assert all(r <= n + 1e-9 for r, n in zip(ready, needed, strict=True)), (speed, plans)
+    sizes = [pl.end - pl.start for pl in plans]
+    assert sizes[0] == p.first_chunk_frames
+    assert max(sizes[:-1]) == p.chunk_frames  # it reaches full chunks, as the ramp does
+    # Tiles the segment exactly once.
+    assert [pl.start for pl in plans[1:]] == [pl.end for pl in plans[:-1]]
+    assert plans[-1].end == 200
+
+
+def test_a_faster_upstream_reaches_full_chunks_sooner() -> None:
+    p = ChunkPolicy()
+
+    def chunks_before_full(speed: float) -> int:
+        plans, _, _ = simulate(p, 200, speed)
+        return next(i for i, pl in enumerate(plans) if pl.end - pl.start == p.chunk_frames)
+
+    fixed_ramp = next(k for k in range(100) if p.size(k) == p.chunk_frames)
+    assert chunks_before_full(3.0) < chunks_before_full(1.5) < fixed_ramp
+
+
+def test_the_measured_speed_follows_the_arrivals() -> None:
+    ch = Chunker(ChunkPolicy())
+    for i in range(20):
+        ch.feed([frame(i)], now=i * F / 1.7, due=100.0)
+    assert ch.speed == pytest.approx(1.7)
+
+
+def test_a_segment_far_ahead_of_playback_is_cut_into_full_chunks() -> None:
+    p = ChunkPolicy()
+    plans, ready, needed = simulate(p, 60, 1.5, lead=10.0)
+    assert [pl.end - pl.start for pl in plans[:-1]] == [p.chunk_frames] * (len(plans) - 1)
+    assert all(r <= n for r, n in zip(ready, needed, strict=True))
+    # Far fewer windows, so far less decoding, than the ramp would cut.
+    ramp, _ = run(p, 60, [1] * 60)
+    assert len(plans) <= len(ramp) // 2
+
+
+def test_below_real_time_the_first_release_waits_until_the_rest_arrives_in_time() -> None:
+    p = ChunkPolicy()
+    plans, ready, needed = simulate(p, 60, 0.8, expected=60)
+    assert all(r <= n + 1e-9 for r, n in zip(ready, needed, strict=True))
+    # Without the length estimate the first chunk goes at once, and the audio runs dry.
+    plans, ready, needed = simulate(p, 60, 0.8)
+    assert any(r > n for r, n in zip(ready, needed, strict=True))
+
+
+def test_a_stalled_upstream_gets_its_frames_cut_by_cut_time() -> None:
+    p = ChunkPolicy()
+    ch = Chunker(p)
+    assert ch.cut_time(due=5.0) is None  # nothing in hand
+    first = p.first_chunk_frames + p.right_context(0)
+    got = ch.feed(frames(0, first), now=0.0, due=0.0)  # the client waits for it
+    assert [(g.start, g.end) for g in got] == [(0, p.first_chunk_frames)]
+    assert ch.feed(frames(first, 12), now=0.1, due=5.0) == []  # more may come in time
+    t = ch.cut_time(due=5.0)
+    assert t is not None and 0.1 < t < 5.0
+    late = ch.feed([], now=t + 1e-6, due=5.0)  # no frame came: cut what is in hand
+    assert [(g.start, g.end) for g in late] == [(p.first_chunk_frames, 12 - p.context_frames)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    total=st.integers(0, 120),
+    steps=st.lists(
+        st.tuples(st.integers(0, 5), st.floats(0, 0.3), st.floats(-1, 3)), max_size=80
+    ),
+)
+def test_cutting_by_deadline_tiles_the_segment_exactly_once(
+    total: int, steps: list[tuple[int, float, float]]
+) -> None:
+    # However frames, clocks and deadlines come, every frame is kept exactly once, each
+    # window holds the frames it claims, and no chunk is over chunk_frames + context.
+    p = ChunkPolicy()
+    ch = Chunker(p, expected_frames=total)
+    plans: list[ChunkPlan] = []
+    pos, now = 0, 0.0
+    for n, dt, lead in steps:
+        n = min(n, total - pos)
+        now += dt
+        plans += ch.feed(frames(pos, pos + n), now=now, due=now + lead)
+        pos += n
+    plans += ch.feed(frames(pos, total), now=now, due=now)
+    plans += ch.flush()
+    kept = [f for pl in plans for f in range(pl.start, pl.end)]
+    assert kept == list(range(total))
+    for pl in plans:
+        assert pl.frames == tuple(frames(pl.window_start, pl.window_end))
+        assert pl.end - pl.start <= p.chunk_frames + p.context_frames
