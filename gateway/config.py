@@ -136,14 +136,16 @@ class SegmenterSettings:
 @dataclass(frozen=True, slots=True)
 class DecoderSettings:
     context_frames: int = _f(3, lo=0, hi=16, doc="left/right context frames per chunk")
-    first_chunk_frames: int = _f(2, lo=1, hi=64, doc="frames in a segment's first chunk")
+    first_chunk_frames: int = _f(1, lo=1, hi=64, doc="frames in a segment's first chunk")
     chunk_frames: int = _f(8, lo=1, hi=256, doc="frames in later chunks")
-    first_chunk_right_context: int = _f(-1, lo=-1, hi=16, doc="-1 = context_frames")
+    first_chunk_right_context: int = _f(
+        2, lo=-1, hi=16, doc="right context of the first chunk (97 dB); -1 = context_frames"
+    )
     ramp_speed: float = _f(
-        1.2, lo=1.01, hi=100.0, doc="slowest upstream speed (x real time) kept gap-free"
+        1.2, lo=1.01, hi=100.0, doc="upstream speed (x real time) assumed until measured"
     )
     ramp_slack_frames: float = _f(
-        1.5, lo=0.0, hi=16.0, doc="frame times the ramp keeps for decode and delivery"
+        1.5, lo=0.0, hi=16.0, doc="frame times each chunk keeps for decode and delivery"
     )
     max_batch: int = _f(16, lo=1, hi=1024, doc="windows per batched decode")
     max_wait_ms: float = _f(2.0, lo=0.0, hi=1000.0, doc="gather time for a batch")

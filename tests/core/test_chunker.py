@@ -47,12 +47,18 @@ def run(policy: ChunkPolicy, total: int, splits: list[int]) -> tuple[list[ChunkP
     return plans, seen_at
 
 
+# The fixed ramp's mechanics, with a first chunk of two frames and full right context.
+EXACT_FIRST = {"first_chunk_frames": 2, "first_chunk_right_context": -1}
+
+
 def test_default_policy_matches_decoder_settings() -> None:
     p = ChunkPolicy.from_settings(DecoderSettings())
     assert p == ChunkPolicy()
-    assert [p.size(k) for k in range(19)] == [2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6,
-                                              7, 8, 8]  # fmt: skip
-    assert p.right_context(0) == 3
+    # First audio after three frames: one kept, two of right context (97 dB there).
+    assert (p.size(0), p.right_context(0), p.right_context(1)) == (1, 2, 3)
+    ramp = ChunkPolicy(**EXACT_FIRST)
+    assert [ramp.size(k) for k in range(19)] == [2, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5,
+                                                 6, 7, 8, 8]  # fmt: skip
 
 
 @pytest.mark.parametrize(("ramp_speed", "speed"), [(1.2, 1.2), (1.2, 1.5), (1.3, 1.3),
@@ -64,7 +70,7 @@ def test_the_ramp_keeps_just_in_time_playback_going(ramp_speed: float, speed: fl
     # must stay at or above a frame (85 ms) for the decode to happen in; doubling (2, 4, 8)
     # had -0.67 and -2 frames at 1.5x: an audible gap early in every such segment.
     for slack in (1.0, 1.5):
-        p = ChunkPolicy(ramp_speed=ramp_speed, ramp_slack_frames=slack)
+        p = ChunkPolicy(ramp_speed=ramp_speed, ramp_slack_frames=slack, **EXACT_FIRST)
         total = [p.size(0)]
         for k in range(1, 80):
             total.append(total[-1] + p.size(k))
@@ -78,7 +84,7 @@ def test_the_ramp_keeps_just_in_time_playback_going(ramp_speed: float, speed: fl
 
 def test_a_faster_ramp_is_not_gap_free_at_a_slower_speed() -> None:
     # The property above is not vacuous: a ramp built for 1.5x runs dry at 1.2x.
-    p = ChunkPolicy(ramp_speed=1.5)
+    p = ChunkPolicy(ramp_speed=1.5, **EXACT_FIRST)
     total = [p.size(0)]
     worst = float("inf")
     for k in range(1, 40):
@@ -88,7 +94,7 @@ def test_a_faster_ramp_is_not_gap_free_at_a_slower_speed() -> None:
 
 
 def test_first_chunk_waits_for_its_right_context() -> None:
-    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    ch = Chunker(ChunkPolicy(context_frames=3, chunk_frames=8, **EXACT_FIRST))
     assert ch.feed(frames(0, 4)) == []
     assert ch.frames_needed == 1
     [p] = ch.feed(frames(4, 5))
@@ -98,7 +104,7 @@ def test_first_chunk_waits_for_its_right_context() -> None:
 
 
 def test_later_chunks_have_left_and_right_context() -> None:
-    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    ch = Chunker(ChunkPolicy(context_frames=3, chunk_frames=8, **EXACT_FIRST))
     plans = ch.feed(frames(0, 60))
     spans = [(p.start, p.end, p.window_start, p.window_end) for p in plans]
     assert spans[:18] == [
@@ -128,7 +134,7 @@ def test_later_chunks_have_left_and_right_context() -> None:
 
 
 def test_flush_emits_the_rest_up_to_the_true_end() -> None:
-    ch = Chunker(ChunkPolicy(context_frames=3, first_chunk_frames=2, chunk_frames=8))
+    ch = Chunker(ChunkPolicy(context_frames=3, chunk_frames=8, **EXACT_FIRST))
     ch.feed(frames(0, 12))  # chunks up to [6,9); [9,13) needs 16 frames
     [last] = ch.flush()
     assert (last.start, last.end, last.window_start, last.window_end) == (9, 12, 6, 12)
@@ -137,7 +143,7 @@ def test_flush_emits_the_rest_up_to_the_true_end() -> None:
 
 
 def test_short_segment_is_one_whole_utterance_window() -> None:
-    ch = Chunker()
+    ch = Chunker(ChunkPolicy(**EXACT_FIRST))
     assert ch.feed(frames(0, 3)) == []
     [p] = ch.flush()
     assert (p.start, p.end, p.window_start, p.window_end) == (0, 3, 0, 3)
@@ -150,7 +156,7 @@ def test_empty_segment_has_no_chunks() -> None:
 
 
 def test_low_latency_first_chunk_uses_less_right_context() -> None:
-    ch = Chunker(ChunkPolicy(first_chunk_right_context=1))
+    ch = Chunker(ChunkPolicy(first_chunk_frames=2, first_chunk_right_context=1))
     [p] = ch.feed(frames(0, 3))
     assert (p.start, p.end, p.window_end) == (0, 2, 3)
     # Later chunks are back to full context.
@@ -160,7 +166,7 @@ def test_low_latency_first_chunk_uses_less_right_context() -> None:
 
 
 def test_zero_context_emits_exact_multiples_without_a_flush_chunk() -> None:
-    plans, _ = run(ChunkPolicy(context_frames=0, first_chunk_frames=2, chunk_frames=2), 6, [6])
+    plans, _ = run(ChunkPolicy(context_frames=0, chunk_frames=2, **EXACT_FIRST), 6, [6])
     assert [(p.start, p.end, p.window_start, p.window_end) for p in plans] == [
         (0, 2, 0, 2),
         (2, 4, 2, 4),
@@ -256,6 +262,7 @@ def test_plans_do_not_depend_on_how_frames_arrive(
 
 F = FRAME_SECONDS
 DECODE = 1.0 * F  # decode and delivery of a chunk, within the policy's 1.5 frames of slack
+TARGET = 0.1  # the player starts once this much audio is queued (the page's first target)
 
 
 def simulate(
@@ -266,33 +273,41 @@ def simulate(
     lead: float | None = None,
     expected: int | None = None,
 ) -> tuple[list[ChunkPlan], list[float], list[float]]:
-    """A segment generated at ``speed`` (frames arriving one by one) and played from when
-    its first chunk is decoded, or ``lead`` seconds after its first frame arrives (a
-    segment far ahead of playback). Returns the plans, when each was decoded and when
-    each had to be ready (its first kept frame starts playing)."""
+    """A segment generated at ``speed`` (frames arriving one by one), cut with the
+    deadlines the gateway gives: playback from its first audio, or ``lead`` seconds after
+    its first frame arrives for a segment far ahead of playback. Played by a client that
+    starts once TARGET is queued (or at the lead). Returns the plans, when each was
+    decoded and when each had to be (its first kept frame starts playing)."""
     ch = Chunker(policy, expected_frames=expected)
     plans: list[ChunkPlan] = []
     ready: list[float] = []
-    play_start: float | None = None if lead is None else F / speed + lead
+    first: float | None = None if lead is None else F / speed + lead
 
     def due(now: float) -> float:
-        if play_start is None:
+        if first is None:
             return now  # the client is waiting for this segment's first audio
-        return play_start + ch.planned_frames * F
+        return first + ch.planned_frames * F
 
     for i in range(total):
         now = (i + 1) * F / speed
-        new = ch.feed([frame(i)], now=now, due=due(now))
-        for p in new:
+        for p in ch.feed([frame(i)], now=now, due=due(now)):
             plans.append(p)
             ready.append(now + DECODE)
-            if play_start is None:
-                play_start = now + DECODE
+            if first is None:
+                first = now + DECODE
     for p in ch.flush():
         plans.append(p)
         ready.append(total * F / speed + DECODE)
-    assert play_start is not None
-    needed = [play_start + p.start * F for p in plans]
+    if lead is None:  # the client starts once TARGET is queued
+        queued = 0.0
+        for p, r in zip(plans, ready, strict=True):
+            queued += (p.end - p.start) * F
+            if queued >= TARGET - 1e-9:
+                start = r
+                break
+    else:
+        start = F / speed + lead
+    needed = [start + p.start * F for p in plans]
     return plans, ready, needed
 
 
@@ -339,10 +354,10 @@ def test_a_segment_far_ahead_of_playback_is_cut_into_full_chunks() -> None:
 
 def test_below_real_time_the_first_release_waits_until_the_rest_arrives_in_time() -> None:
     p = ChunkPolicy()
-    plans, ready, needed = simulate(p, 60, 0.8, expected=60)
+    _, ready, needed = simulate(p, 60, 0.8, expected=60)
     assert all(r <= n + 1e-9 for r, n in zip(ready, needed, strict=True))
     # Without the length estimate the first chunk goes at once, and the audio runs dry.
-    plans, ready, needed = simulate(p, 60, 0.8)
+    _, ready, needed = simulate(p, 60, 0.8)
     assert any(r > n for r, n in zip(ready, needed, strict=True))
 
 
@@ -353,25 +368,23 @@ def test_a_stalled_upstream_gets_its_frames_cut_by_cut_time() -> None:
     first = p.first_chunk_frames + p.right_context(0)
     got = ch.feed(frames(0, first), now=0.0, due=0.0)  # the client waits for it
     assert [(g.start, g.end) for g in got] == [(0, p.first_chunk_frames)]
-    assert ch.feed(frames(first, 12), now=0.1, due=5.0) == []  # more may come in time
+    assert ch.feed(frames(first, 10), now=0.1, due=5.0) == []  # more may come in time
     t = ch.cut_time(due=5.0)
     assert t is not None and 0.1 < t < 5.0
     late = ch.feed([], now=t + 1e-6, due=5.0)  # no frame came: cut what is in hand
-    assert [(g.start, g.end) for g in late] == [(p.first_chunk_frames, 12 - p.context_frames)]
+    assert [(g.start, g.end) for g in late] == [(p.first_chunk_frames, 10 - p.context_frames)]
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     total=st.integers(0, 120),
-    steps=st.lists(
-        st.tuples(st.integers(0, 5), st.floats(0, 0.3), st.floats(-1, 3)), max_size=80
-    ),
+    steps=st.lists(st.tuples(st.integers(0, 5), st.floats(0, 0.3), st.floats(-1, 3)), max_size=80),
 )
 def test_cutting_by_deadline_tiles_the_segment_exactly_once(
     total: int, steps: list[tuple[int, float, float]]
 ) -> None:
     # However frames, clocks and deadlines come, every frame is kept exactly once, each
-    # window holds the frames it claims, and no chunk is over chunk_frames + context.
+    # window holds the frames it claims, and no chunk keeps more than the last chunk may.
     p = ChunkPolicy()
     ch = Chunker(p, expected_frames=total)
     plans: list[ChunkPlan] = []
@@ -387,4 +400,4 @@ def test_cutting_by_deadline_tiles_the_segment_exactly_once(
     assert kept == list(range(total))
     for pl in plans:
         assert pl.frames == tuple(frames(pl.window_start, pl.window_end))
-        assert pl.end - pl.start <= p.chunk_frames + p.context_frames
+        assert pl.end - pl.start <= p.chunk_frames + p.context_frames - 1

@@ -18,6 +18,8 @@ from gateway.decoder.snac_model import LoadedModel
 from gateway.vocab import SAMPLES_PER_FRAME, Frame
 
 EXACT_DB = 70.0
+EXACT = ChunkPolicy(first_chunk_frames=2, first_chunk_right_context=-1)
+"""Full context everywhere: the streamed decode equals the whole-utterance decode."""
 
 
 def random_frames(n: int, seed: int) -> list[Frame]:
@@ -71,7 +73,7 @@ def test_streaming_decode_equals_whole_utterance_decode(
     engine: SnacEngine, utterance: tuple[list[Frame], np.ndarray]
 ) -> None:
     frames, whole = utterance
-    streamed = stream_decode(engine, frames, ChunkPolicy())
+    streamed = stream_decode(engine, frames, EXACT)
     # Every sample: nothing dropped at the start or the end.
     assert streamed.shape == whole.shape == (20 * SAMPLES_PER_FRAME,)
     assert snr_db(whole, streamed) >= 100.0  # "exact": float rounding only
@@ -83,20 +85,25 @@ def test_short_segments_are_exact_and_complete(
     snac_model: LoadedModel, engine: SnacEngine, n: int
 ) -> None:
     frames = random_frames(n, seed=10 + n)
-    streamed = stream_decode(engine, frames, ChunkPolicy())
+    streamed = stream_decode(engine, frames, EXACT)
     whole = decode_utterance(snac_model, frames)
     assert streamed.shape == (n * SAMPLES_PER_FRAME,)
     assert snr_db(whole, streamed) >= 100.0
+    # The shipped first chunk (one frame, two of right context) stays far above 70 dB.
+    shipped = stream_decode(engine, frames, ChunkPolicy())
+    assert shipped.shape == (n * SAMPLES_PER_FRAME,)
+    assert snr_db(whole, shipped) >= 85.0
 
 
 @pytest.mark.parametrize(
     ("policy", "floor_db", "ceiling_db"),
     [
         # Two context frames do not quite cover the receptive field (2.32 frames).
-        (ChunkPolicy(context_frames=2), 85.0, None),
-        # Low-latency first chunk: the end of the first chunk lacks right context.
-        (ChunkPolicy(first_chunk_right_context=2), 85.0, None),
-        (ChunkPolicy(first_chunk_right_context=1), 50.0, 90.0),
+        (ChunkPolicy(context_frames=2, first_chunk_right_context=-1), 85.0, None),
+        # Low-latency first chunk: the end of the first chunk lacks right context (the
+        # shipped policy keeps two frames of it).
+        (ChunkPolicy(), 85.0, None),
+        (ChunkPolicy(first_chunk_frames=2, first_chunk_right_context=1), 50.0, 90.0),
     ],
 )
 def test_reduced_context_costs_measured_snr(

@@ -25,7 +25,9 @@ def frames(n: int, salt: int = 0) -> list[Frame]:
 
 
 def settings(**kw: object) -> DecoderSettings:
-    return dataclasses.replace(DecoderSettings(max_wait_ms=0.0), **kw)  # type: ignore[arg-type]
+    # The scheduling tests count on the fixed ramp with a two-frame, full-context first chunk.
+    base = DecoderSettings(max_wait_ms=0.0, first_chunk_frames=2, first_chunk_right_context=-1)
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 
 def n_chunks(n: int) -> int:
