@@ -65,6 +65,8 @@ const counters = {
   // {turn, lowWaterMs, lowWaterAtMs}: the least audio queued while each turn played, and
   // how far into the turn's audio that was.
   lowWaterLog: [],
+  // {targetMs, reason, time}: every move of the worklet's playout target (see worklet.js).
+  targetLog: [],
 };
 const eventLog = [];
 
@@ -272,6 +274,9 @@ function onPlayerEvent(m) {
     case "start":
       remember(counters.startLog, { buffered: m.buffered, afterUnderrun: m.afterUnderrun });
       break;
+    case "target":
+      remember(counters.targetLog, { targetMs: m.targetMs, reason: m.reason, time: m.time });
+      break;
     case "flushed":
       counters.lastFlush = { dropped: m.dropped, time: m.time, at: performance.now() };
       break;
@@ -444,6 +449,10 @@ function frame(now) {
   const buffered = s ? s.bufferedMs : 0;
   $("stat-buffer").textContent = fmtMs(buffered);
   $("stat-bufbar").style.width = `${Math.min(100, (buffered / 3000) * 100)}%`;
+  if (s && s.targetMs !== undefined) {
+    const peak = s.targetMaxMs > s.targetMs ? ` (max ${fmtMs(s.targetMaxMs)})` : "";
+    $("stat-target").textContent = `target ${fmtMs(s.targetMs)}${peak}`;
+  }
   const under = $("stat-underruns");
   under.textContent = s ? String(s.underruns) : "0";
   under.classList.toggle("bad", !!s && s.underruns > 0);
@@ -606,6 +615,7 @@ function pageFigures() {
     underrunLog: counters.underrunLog,
     startLog: counters.startLog,
     lowWaterLog: counters.lowWaterLog,
+    targetLog: counters.targetLog,
     lastInterrupt: counters.lastInterrupt,
     lastFlush: counters.lastFlush,
     awaitingInterrupted: client.awaitingInterrupted,

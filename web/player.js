@@ -64,7 +64,7 @@ export class Player {
       numberOfInputs: 0,
       numberOfOutputs: 1,
       outputChannelCount: [1],
-      processorOptions: { prebufferMs: 100 },
+      processorOptions: { minTargetMs: 100, maxTargetMs: 600 },
     });
     this.analyser = ctx.createAnalyser();
     this.analyser.fftSize = 1024;

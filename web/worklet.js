@@ -20,12 +20,25 @@
 //                                data port's messages are stale (the interrupted work, in
 //                                flight) and are discarded
 //   {type:"snapshot", id}        reply now with exact counters (tests, page refresh)
-//   {type:"config", prebufferMs}
+//   {type:"config", targetMs?, minTargetMs?, maxTargetMs?}
 // The data messages are accepted on this.port too (and then an interrupt without an epoch
 // applies to what came before it on that port): the offline tests drive it that way.
 // Messages out: "stats" (every ~25 ms) and events: start (playback (re)starts, with how
 // much was buffered), segstart, segend, turnend (with the turn's low-water mark),
-// underrun, underrunend, flushed, snapshot.
+// underrun, underrunend, target (the playout target moved), flushed, snapshot.
+//
+// Playout target (adaptive, after WebRTC NetEq's delay manager): playback (re)starts once
+// `target` is queued. It starts small (`minTargetMs`, 100 ms: first audio as early as the
+// gateway can keep it going) and adapts to what this client actually sees:
+//   - an underrun raises it, at once, by half of itself (at least RAISE_MIN_MS), and once
+//     the underrun is over to at least the old target plus the gap's length, so the same
+//     stall would not run dry again; never above `maxTargetMs` (600 ms);
+//   - a turn whose low-water mark came within NEAR_MS of running dry raises it by
+//     NEAR_RAISE_MS for the next turns: the warning before an underrun;
+//   - after DECAY_AFTER_S of audio played without an underrun it falls by DECAY_MS, and
+//     again after each further DECAY_AFTER_S, down to `minTargetMs`.
+// The raise is fast and the decay slow, so one bad moment costs one gap and a little
+// latency for a while, not a gap every few seconds.
 //
 // Counting is in 24 kHz *source* samples, whatever the context's rate, so that
 // "samples played == samples received" can be checked exactly even when we resample.
@@ -33,6 +46,12 @@
 const SOURCE_RATE = 24000;
 const AUDIBLE = 1e-3; // about -60 dBFS: below this we call the output silent
 const STATS_EVERY_S = 0.025;
+const RAISE_MIN_MS = 60;
+const NEAR_MS = 20;
+const NEAR_RAISE_MS = 20;
+const DECAY_AFTER_S = 10;
+const DECAY_MS = 20;
+const ms = (x) => Math.round((x * SOURCE_RATE) / 1000); // milliseconds to source samples
 
 class PcmPlayerProcessor extends AudioWorkletProcessor {
   constructor(options) {
@@ -43,7 +62,12 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     // (`frac`) and last sample (`cur`) across quanta, segments and turns, so resampling
     // never introduces a discontinuity at a boundary.
     this.step = SOURCE_RATE / sampleRate;
-    this.prebuffer = Math.round(((opts.prebufferMs ?? 100) * SOURCE_RATE) / 1000);
+    this.minTarget = ms(opts.minTargetMs ?? 100);
+    this.maxTarget = Math.max(this.minTarget, ms(opts.maxTargetMs ?? 600));
+    this.target = this.minTarget; // source samples queued before playback (re)starts
+    this.targetMax = this.target; // the highest target of this session
+    this.targetBefore = this.target; // the target when the current underrun began
+    this.healthySince = 0; // `played` at the last raise or decay
 
     // Ring buffer of float samples. Positions are absolute sample counts (JS numbers are
     // exact to 2^53, i.e. thousands of years of audio); index = pos & mask.
@@ -69,6 +93,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     // "playing": pulling samples.
     this.state = "idle";
     this.cur = 0; // the source sample at the resampler's integer position
+    this.owed = 0; // source samples to take before the next output frame (see process)
     this.frac = 0; // the resampler's phase between `cur` and the next sample
     this.gain = 0;
     this.gainStep = 1 / Math.max(1, Math.round(0.002 * sampleRate)); // 2 ms fade-in: no click
@@ -117,9 +142,10 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         this.port.postMessage({ type: "snapshot", id: m.id, stats: this.stats() });
         return;
       case "config":
-        if (typeof m.prebufferMs === "number") {
-          this.prebuffer = Math.round((m.prebufferMs * SOURCE_RATE) / 1000);
-        }
+        if (typeof m.minTargetMs === "number") this.minTarget = ms(m.minTargetMs);
+        if (typeof m.maxTargetMs === "number") this.maxTarget = ms(m.maxTargetMs);
+        this.maxTarget = Math.max(this.maxTarget, this.minTarget);
+        this.setTarget(typeof m.targetMs === "number" ? ms(m.targetMs) : this.target, "config");
         return;
       default:
         this.onStream(m);
@@ -221,6 +247,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.gain = 0;
     this.frac = 0;
     this.cur = 0;
+    this.owed = 0;
     // PCM that arrived after the interrupt (the next turn) stays queued.
     this.state = this.written > this.read ? "prebuffer" : "idle";
     this.port.postMessage({ type: "flushed", dropped: drop, time: currentTime });
@@ -261,6 +288,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.state = "playing";
     this.cur = this.pop();
     this.frac = 0;
+    this.owed = 0;
     this.gain = 0; // fade in from silence (2 ms) instead of jumping into the waveform
   }
 
@@ -270,6 +298,33 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.underrunFrames += frames;
     this.underrunStart = -1;
     this.port.postMessage({ type: "underrunend", ms: (frames / sampleRate) * 1000 });
+    // The same stall again should find the gap's length queued on top of the old target.
+    const gap = Math.round((frames / sampleRate) * SOURCE_RATE);
+    if (this.targetBefore + gap > this.target) this.setTarget(this.targetBefore + gap, "gap");
+  }
+
+  // ---- playout target ---------------------------------------------------------------
+
+  setTarget(samples, reason) {
+    const t = Math.min(this.maxTarget, Math.max(this.minTarget, Math.round(samples)));
+    this.healthySince = this.played;
+    if (t === this.target) return;
+    this.target = t;
+    if (t > this.targetMax) this.targetMax = t;
+    this.port.postMessage({
+      type: "target",
+      targetMs: (t / SOURCE_RATE) * 1000,
+      reason,
+      time: currentTime,
+    });
+  }
+
+  // Slow decay while playback stays healthy (called once per render quantum).
+  decayTarget() {
+    if (this.target <= this.minTarget) return;
+    if (this.played - this.healthySince >= DECAY_AFTER_S * SOURCE_RATE) {
+      this.setTarget(this.target - ms(DECAY_MS), "decay");
+    }
   }
 
   // The queue ran dry while playing. If the turn is over that is simply its end;
@@ -282,6 +337,8 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.underruns++;
     this.underrunStart = this.frame + frameInQuantum;
     this.port.postMessage({ type: "underrun", count: this.underruns, time: currentTime });
+    this.targetBefore = this.target;
+    this.setTarget(this.target + Math.max(ms(RAISE_MIN_MS), this.target / 2), "underrun");
   }
 
   process(_inputs, outputs) {
@@ -300,7 +357,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         if (this.state === "idle" && this.available() > 0) this.state = "prebuffer";
         if (
           this.state === "prebuffer" &&
-          (this.available() >= this.prebuffer || (this.available() > 0 && this.turnEnded()))
+          (this.available() >= this.target || (this.available() > 0 && this.turnEnded()))
         ) {
           this.startPlaying();
         } else {
@@ -315,6 +372,24 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
           const a = v < 0 ? -v : v;
           if (a > peak) peak = a;
           if (a > AUDIBLE) lastAudible = i;
+          continue;
+        }
+      }
+
+      if (this.owed > 0) {
+        // Source samples the resampler moved past at the end of the last output frame.
+        // Taken now, when they are needed: an underrun is a frame with nothing to play,
+        // not a queue that is empty between two frames (a chunk arriving just in time
+        // is no gap; counting it as one gave underruns of 0 ms).
+        while (this.owed > 0 && this.read < this.written && !(this.fading && this.read >= this.flushPos)) {
+          this.cur = this.pop();
+          this.owed--;
+        }
+        if (this.owed > 0) {
+          this.owed = 0;
+          if (this.fading) this.flush();
+          else this.starve(i);
+          i--; // this frame is rendered by the not-playing branch
           continue;
         }
       }
@@ -355,9 +430,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         if (this.read < this.written && !(this.fading && this.read >= this.flushPos)) {
           this.cur = this.pop();
         } else {
-          if (this.fading) this.flush();
-          else this.starve(i + 1);
-          break;
+          this.owed++;
         }
       }
     }
@@ -367,6 +440,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
 
     if (lastAudible >= 0) this.lastAudibleTime = currentTime + (lastAudible + 1) / sampleRate;
     if (peak > this.peak) this.peak = peak;
+    if (this.state === "playing") this.decayTarget();
     this.frame += n;
     this.fireMarks();
     if (++this.quanta % this.statsEvery === 0) {
@@ -393,6 +467,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         this.segmentsPlayed++;
         this.port.postMessage({ type: "segend", key: m.key, time: currentTime });
       } else {
+        if (Number.isFinite(this.lowWater) && this.lowWater < ms(NEAR_MS)) {
+          this.setTarget(this.target + ms(NEAR_RAISE_MS), "near");
+        }
         this.port.postMessage({
           type: "turnend",
           turn: m.turn,
@@ -421,6 +498,10 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
       segmentsPlayed: this.segmentsPlayed,
       samplesDiscarded: this.discarded,
       lowWaterMs: this.lowWaterMs(),
+      targetMs: (this.target / SOURCE_RATE) * 1000,
+      targetMaxMs: (this.targetMax / SOURCE_RATE) * 1000,
+      minTargetMs: (this.minTarget / SOURCE_RATE) * 1000,
+      maxTargetMs: (this.maxTarget / SOURCE_RATE) * 1000,
       epoch: this.epoch,
       state: this.fading ? "fading" : this.state,
       peak: this.peak,
