@@ -163,6 +163,10 @@ class LimitsSettings:
     max_sessions_per_key: int = _f(32, lo=1, hi=100_000, doc="per API key")
     max_frame_bytes: int = _f(65_536, lo=256, hi=16 * 1024 * 1024, doc="client frame size")
     max_turn_chars: int = _f(20_000, lo=1, hi=10_000_000, doc="text per turn")
+    # 1 MiB holds max_turn_chars of the worst JSON escaping (6 bytes a char) many times over.
+    max_body_bytes: int = _f(
+        1 << 20, lo=1024, hi=1 << 30, doc="HTTP request body (413 beyond, before it is read)"
+    )
     max_inflight_segments: int = _f(3, lo=1, hi=64, doc="parallel requests per session")
     segments_per_minute: int = _f(240, lo=1, hi=100_000, doc="per session")
     reorder_buffer_bytes: int = _f(

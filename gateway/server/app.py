@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import secrets
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,16 +16,16 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from gateway.config import Settings
-from gateway.core.codec import VOICES, resolve_voice
+from gateway.core.codec import VOICES
 from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, SessionProtocol
 from gateway.core.segmenter import SegmenterOptions
-from gateway.errors import ErrorCode, GatewayError
+from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
 from gateway.server.engine import SessionEngine, Synthesizer
 from gateway.server.metrics import Metrics
@@ -37,7 +36,7 @@ from gateway.server.session import (
     RunnerLimits,
     run_session,
 )
-from gateway.vocab import SAMPLE_RATE
+from gateway.server.speech import openai_error, speech
 
 log = logging.getLogger("voicegw.app")
 
@@ -80,25 +79,6 @@ def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
     )
 
 
-def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def wav_header() -> bytes:
-    """A streaming WAV header: sizes are unknown, so they are set to the maximum, which
-    players treat as "read until the end of the stream"."""
-    return (
-        b"RIFF"
-        + struct.pack("<I", 0xFFFFFFFF)
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
-        + b"data"
-        + struct.pack("<I", 0xFFFFFFFF)
-    )
-
-
 class Gateway:
     """Per-app state: settings, services, limits, metrics."""
 
@@ -126,6 +106,9 @@ class Gateway:
             "engine_tasks": float(sum(e.tasks for e in self.engines)),
             "segments_inflight": float(sum(e.inflight for e in self.engines)),
             "event_loop_tasks": loop_tasks,
+            # Slots held by WebSocket sessions and /v1/audio/speech requests together:
+            # what max_sessions counts, so a leak here is visible before it locks users out.
+            "session_slots": float(self.sessions.active),
         }
 
     def _observe(self, protocol: SessionProtocol) -> None:
@@ -141,6 +124,7 @@ class Gateway:
     def new_engine(
         self, session_id: str, on_output: Callable[[list[Outgoing]], None],
         on_cancel: Callable[[int], None] = lambda e: None,
+        may_start: Callable[[], bool] = lambda: True,
     ) -> SessionEngine:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
@@ -156,6 +140,7 @@ class Gateway:
             on_output=on_output,
             on_cancel=on_cancel,
             on_metrics=self._observe,
+            may_start=may_start,
         )
 
 
@@ -228,112 +213,6 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
 
 # ----------------------------------------------------------------------------------------
 # HTTP API
-
-
-async def speech(request: Request) -> Response:
-    """OpenAI-compatible ``POST /v1/audio/speech``, streamed as audio is produced."""
-    gw = _gw(request)
-    principal = gw.keys.check(request.headers, request.query_params)
-    if principal is None:
-        return openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        return openai_error(400, "request body is not valid JSON", ErrorCode.BAD_JSON)
-    if not isinstance(body, dict):
-        return openai_error(400, "request body must be a JSON object", ErrorCode.BAD_MESSAGE)
-    text = body.get("input")
-    lim = gw.settings.gateway.limits
-    if not isinstance(text, str) or not text.strip():
-        return openai_error(400, "'input' must be a non-empty string", "bad_message", "input")
-    if len(text) > lim.max_turn_chars:
-        return openai_error(
-            400, f"'input' is over {lim.max_turn_chars} characters", "turn_too_long", "input"
-        )
-    fmt = body.get("response_format") or "wav"
-    if fmt not in ("wav", "pcm"):
-        return openai_error(
-            400,
-            f"response_format {fmt!r} is not supported; use 'wav' or 'pcm' (24 kHz s16le mono)",
-            ErrorCode.BAD_PARAMETER,
-            "response_format",
-        )
-    speed = body.get("speed", 1.0)
-    if speed not in (None, 1, 1.0):
-        return openai_error(400, "only speed 1.0 is supported", "bad_parameter", "speed")
-    try:
-        voice = resolve_voice(body.get("voice"), gw.settings.vllm.tts_voice)
-    except GatewayError as exc:
-        return openai_error(400, exc.message, exc.code, "voice")
-    refusal = gw.sessions.try_acquire(principal)
-    if refusal is not None:
-        return openai_error(429, refusal, ErrorCode.TOO_MANY_SESSIONS)
-
-    queue: asyncio.Queue[Outgoing] = asyncio.Queue()
-    session_id = "http_" + secrets.token_hex(6)
-    engine = gw.new_engine(session_id, lambda items: [queue.put_nowait(o) for o in items])
-    gw.engines.add(engine)
-    p = engine.protocol
-    p.receive_text(orjson.dumps({"type": "session.update", "voice": voice}).decode())
-    p.receive_text(orjson.dumps({"type": "text.delta", "text": text}).decode())
-    p.receive_text(orjson.dumps({"type": "text.end"}).decode())
-    engine.pump()
-
-    async def events() -> AsyncIterator[bytes | dict[str, Any]]:
-        while True:
-            o = await queue.get()
-            if isinstance(o.data, bytes):
-                yield o.data
-                continue
-            msg = orjson.loads(o.data)
-            if msg["type"] == "turn.done":
-                return
-            yield msg
-
-    async def finish() -> None:
-        gw.engines.discard(engine)
-        await engine.aclose()
-        gw.sessions.release(principal)
-
-    it = events()
-    # Hold the response until the first audio: if every segment fails before any audio
-    # exists, the caller gets a proper HTTP error instead of an empty 200.
-    first: list[bytes] = []
-    errors: list[dict[str, Any]] = []
-    try:
-        async for ev in it:
-            if isinstance(ev, bytes):
-                first.append(ev)
-                break
-            if ev["type"] == "segment.error":
-                errors.append(ev)
-    except BaseException:
-        await finish()
-        raise
-    if not first:
-        await finish()
-        if errors:
-            e = errors[0]
-            status = 503 if e["code"] == ErrorCode.OVERLOADED else 502
-            return openai_error(status, e["message"], e["code"])
-        return openai_error(502, "the upstream produced no audio", ErrorCode.NO_AUDIO)
-
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            if fmt == "wav":
-                yield wav_header()
-            yield first[0]
-            async for ev in it:
-                if isinstance(ev, bytes):
-                    yield ev
-                elif ev["type"] == "segment.error":
-                    log.warning("speech %s: segment failed: %s", session_id, ev["message"])
-        finally:
-            await finish()
-
-    media = "audio/wav" if fmt == "wav" else "audio/pcm"
-    headers = {"x-sample-rate": str(SAMPLE_RATE), "cache-control": "no-store"}
-    return StreamingResponse(body_iter(), media_type=media, headers=headers)
 
 
 async def voices(request: Request) -> Response:

@@ -1,0 +1,193 @@
+"""``POST /v1/audio/speech`` ends cleanly however the request ends.
+
+Against the real app and pipeline with the fake vLLM (which counts streams whose client
+went away as ``cancelled``): an abort mid-stream or before the first audio cancels the
+upstream streams within 0.5 s and gives the session slot back; repeated aborts never lock
+anyone out. With the fake synthesizer: a server shutdown frees the same things, and a
+client that stops reading holds back new segments (bounded memory) and is then cut off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from gateway.fake_vllm import FakeVLLMOptions
+from gateway.server.app import create_app
+from gateway.serving import serve_asgi
+from tests.server.conftest import make_settings, running_gateway
+from tests.server.fakes import FakeSynth, fake_services
+from tests.server.test_end_to_end import FPC, PARAGRAPH, gateway
+
+pytestmark = pytest.mark.anyio
+
+LONG = " ".join([PARAGRAPH] * 6)
+
+
+def _sample(gw: Any, name: str) -> float:
+    text = gw.metrics.render().decode()
+    values = [float(ln.split()[1]) for ln in text.splitlines() if ln.startswith(name + " ")]
+    assert len(values) == 1, (name, values)
+    return values[0]
+
+
+async def open_speech(
+    port: int, text: str, *, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw HTTP/1.1 client, so that a test decides exactly when the TCP connection goes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the window is small from the start
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = orjson.dumps({"input": text, "voice": "tara", "response_format": "pcm"})
+    writer.write(
+        b"POST /v1/audio/speech HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def read_audio(reader: asyncio.StreamReader, n: int) -> None:
+    """Read the response head and at least ``n`` bytes after it."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    got = 0
+    async with asyncio.timeout(30):
+        while got < n:
+            chunk = await reader.read(65536)
+            assert chunk, "the stream ended early"
+            got += len(chunk)
+
+
+async def wait_streaming(fake: Any, at_least: int) -> int:
+    for _ in range(500):
+        if fake.fake.stats().active >= at_least:
+            break
+        await asyncio.sleep(0.01)
+    active = fake.fake.stats().active
+    assert active >= at_least
+    return active
+
+
+async def assert_released_within(fake: Any, gw: Any, seconds: float, active: int) -> None:
+    t0 = time.perf_counter()
+    while fake.fake.stats().active or gw.sessions.active or gw.engines:
+        waited = time.perf_counter() - t0
+        assert waited < seconds, (
+            f"after {waited:.2f} s: {fake.fake.stats().active} upstream streams, "
+            f"{gw.sessions.active} slots, {len(gw.engines)} engines"
+        )
+        await asyncio.sleep(0.005)
+    assert gw.services.synth.pool.snapshot().in_flight == 0
+    stats = fake.fake.stats()
+    # The fake saw the clients go away (not streams run to their end).
+    assert stats.cancelled >= active, stats
+    assert _sample(gw, "voicegw_sessions_active") == 0
+    assert _sample(gw, "voicegw_gateway_session_slots") == 0
+
+
+def port_of(ws_url: str) -> int:
+    return int(ws_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+SLOW = FakeVLLMOptions(tokens_per_second=60, first_token_ms=20, frames_per_char=FPC)
+
+
+async def test_abort_mid_stream_cancels_the_upstream_streams_and_frees_the_slot() -> None:
+    async with gateway(SLOW, **{"limits.max_inflight_segments": 3}) as (fake, gw, url):
+        port = port_of(url)
+        reader, writer = await open_speech(port, LONG)
+        await read_audio(reader, 30_000)
+        assert _sample(gw, "voicegw_sessions_active") == 1  # the request counts as a session
+        assert _sample(gw, "voicegw_gateway_session_slots") == 1
+        active = await wait_streaming(fake, 2)
+        writer.close()
+        await assert_released_within(fake, gw, 0.5, active)
+
+
+async def test_abort_before_the_first_audio_cancels_the_upstream_streams() -> None:
+    # No token for 30 s: the handler is still waiting for the first audio when the client
+    # goes.
+    opts = FakeVLLMOptions(tokens_per_second=60, first_token_ms=30_000, frames_per_char=FPC)
+    async with gateway(opts, **{"limits.max_inflight_segments": 3}) as (fake, gw, url):
+        _, writer = await open_speech(port_of(url), LONG)
+        active = await wait_streaming(fake, 3)
+        writer.close()
+        await assert_released_within(fake, gw, 0.5, active)
+
+
+async def test_repeated_aborts_never_lock_anyone_out() -> None:
+    extra = {"limits.max_inflight_segments": 3, "limits.max_sessions": 3}
+    async with gateway(SLOW, **extra) as (fake, gw, url):
+        port = port_of(url)
+        for _ in range(5):
+            reader, writer = await open_speech(port, LONG)
+            await read_audio(reader, 20_000)
+            writer.close()
+        await assert_released_within(fake, gw, 0.5, 0)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            r = await http.post(
+                "/v1/audio/speech",
+                json={"model": "tts-1", "input": "Still served.", "response_format": "pcm"},
+            )
+        assert r.status_code == 200 and len(r.content) > 0
+        assert fake.fake.stats().cancelled >= 5
+
+
+async def test_server_shutdown_ends_a_running_speech_request() -> None:
+    synth = FakeSynth(chunk_delay_s=0.05)
+    app = create_app(make_settings(), fake_services(synth))
+    gw = app.state.gateway
+    writer: asyncio.StreamWriter | None = None
+    async with serve_asgi(app, timeout_graceful_shutdown=1) as served:
+        reader, writer = await open_speech(served.port, LONG)
+        await read_audio(reader, 8_000)
+        assert synth.active >= 1
+    # uvicorn gave up waiting for the connection and cancelled the handler (without
+    # waiting for it): the work is cancelled, not left running, and the slot comes back.
+    assert writer is not None
+    writer.close()
+    for _ in range(50):
+        if not (synth.active or gw.sessions.active or gw.engines):
+            break
+        await asyncio.sleep(0.01)
+    assert synth.active == 0 and synth.cancelled
+    assert gw.sessions.active == 0 and not gw.engines
+
+
+async def test_a_client_that_stops_reading_holds_back_new_segments_then_is_cut_off() -> None:
+    # 200 segments of 192 KiB each (38 MB in all): far more than the socket buffers.
+    synth = FakeSynth(chunk_bytes=65_536, chunk_delay_s=0.001)
+    text = " ".join(f"Sentence number {i} is right here." for i in range(200))
+    settings = make_settings(**{"limits.slow_client_timeout_ms": 1500})
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        reader, writer = await open_speech(served.port, text, rcvbuf=4096)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        # Read nothing more. Wait until no new segment starts for 0.3 s.
+        seen, still = -1, 0.0
+        while still < 0.3:
+            await asyncio.sleep(0.05)
+            still = still + 0.05 if len(synth.started) == seen else 0.0
+            seen = len(synth.started)
+        # Audio waiting for this client: the socket buffers, 10 s of audio, and the
+        # segments running; not the whole input.
+        assert seen < 60, f"{seen} of 200 segments started for a client that reads nothing"
+        t0 = time.perf_counter()
+        while gw.sessions.active:
+            assert time.perf_counter() - t0 < 3.0, "a stalled reader kept its slot"
+            await asyncio.sleep(0.02)
+        assert synth.active == 0 and not gw.engines
+        assert _sample(gw, 'voicegw_errors_total{code="slow_client"}') == 1
+        with contextlib.suppress(ConnectionError):
+            writer.close()
