@@ -18,9 +18,15 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from gateway.core.codec import VOICES
+from gateway.errors import ErrorCode
 from gateway.fake_vllm import FakeVLLMOptions
 from gateway.server.app import create_app
+from gateway.server.speech import BadRequestError, parse_speech
 from gateway.serving import serve_asgi
 from tests.server.conftest import make_settings, running_gateway
 from tests.server.fakes import FakeSynth, fake_services
@@ -191,3 +197,114 @@ async def test_a_client_that_stops_reading_holds_back_new_segments_then_is_cut_o
         assert _sample(gw, 'voicegw_errors_total{code="slow_client"}') == 1
         with contextlib.suppress(ConnectionError):
             writer.close()
+
+
+# ----------------------------------------------------------------------------------------
+# The request body: every field type-checked into an OpenAI-shaped 400; a size limit.
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.sampled_from(["tara", "alloy", "wav", "pcm", "audio", ""]),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+STRING_FIELDS = ("model", "voice", "response_format", "stream_format", "instructions")
+
+
+def well_typed(field: str, value: object) -> bool:
+    if field == "speed":
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+    return value is None or isinstance(value, str)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from([*STRING_FIELDS, "speed", "input"]), value=JSON_VALUES)
+def test_every_field_is_type_checked(field: str, value: object) -> None:
+    body = {"input": "Hi.", field: value}
+    try:
+        req = parse_speech(body, default_voice="tara", max_chars=100)
+    except BadRequestError as exc:
+        assert exc.status == 400 and exc.param == field
+        assert exc.code in {c.value for c in ErrorCode}
+        return
+    assert well_typed(field, value) and (field != "input" or isinstance(value, str))
+    assert isinstance(req.text, str) and req.voice in VOICES and req.fmt in ("wav", "pcm")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "Hi.", "voice": 5}, "voice"),  # was a 500 with an AttributeError
+        ({"input": "Hi.", "voice": ["tara"]}, "voice"),
+        ({"input": "Hi.", "speed": True}, "speed"),  # was accepted as 1
+        ({"input": "Hi.", "response_format": ["wav"]}, "response_format"),
+        ({"input": "Hi.", "model": {}}, "model"),
+        ({"input": 7}, "input"),
+        ({"input": "Hi.", "stream_format": "sse"}, "stream_format"),
+        ({"input": "Hi.", "bogus": 1}, "bogus"),
+    ],
+)
+async def test_bad_fields_get_an_openai_400_over_http(body: dict, param: str) -> None:
+    async with running_gateway(fake_services(FakeSynth())) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.post("/v1/audio/speech", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert err["code"] in {c.value for c in ErrorCode} and err["message"]
+
+
+async def raw_post(port: int, head: bytes, body_parts: list[bytes]) -> bytes:
+    """Send a request head and body parts (no more), then read what the server answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        for part in body_parts:
+            writer.write(part)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_body_is_refused_by_content_length_before_it_is_read() -> None:
+    settings = make_settings(**{"limits.max_body_bytes": 4096})
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, gw):
+        # 64 MB announced, 10 bytes sent: the answer comes without waiting for the rest.
+        head = (
+            b"POST /v1/audio/speech HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: 67108864\r\n\r\n"
+        )
+        answer = await raw_post(served.port, head, [b'{"input": '])
+        assert gw.sessions.active == 0
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    err = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert err["code"] == "frame_too_large" and "4096" in err["message"]
+
+
+async def test_an_oversized_chunked_body_is_refused_while_it_streams() -> None:
+    settings = make_settings(**{"limits.max_body_bytes": 4096})
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, _):
+        head = (
+            b"POST /v1/audio/speech HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        chunk = b"800\r\n" + b" " * 2048 + b"\r\n"
+        # 6 KiB sent, no terminating chunk: the refusal cannot wait for the end.
+        answer = await raw_post(served.port, head, [chunk, chunk, chunk])
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"code":"frame_too_large"' in answer
+
+
+async def test_a_body_at_the_limit_is_accepted() -> None:
+    body = orjson.dumps({"input": "Hi there.", "response_format": "pcm"})
+    body += b" " * (4096 - len(body))
+    settings = make_settings(**{"limits.max_body_bytes": 4096})
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.post(
+                "/v1/audio/speech", content=body, headers={"content-type": "application/json"}
+            )
+    assert r.status_code == 200 and len(r.content) > 0
