@@ -151,7 +151,7 @@ def _gw(obj: Request | WebSocket) -> Gateway:
 async def ws_stream(ws: WebSocket) -> None:
     gw = _gw(ws)
     origin = ws.headers.get("origin")
-    if not gw.origins.allows(origin, ws.headers.get("host")):
+    if not gw.origins.allows(origin, ws.headers.get("host"), ws.url.scheme):
         gw.metrics.errors.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
         await ws.send_denial_response(
             openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)

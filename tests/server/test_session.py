@@ -247,8 +247,31 @@ async def test_cross_site_origin_is_refused_without_an_allowlist() -> None:
         url = served.ws_url + "/v1/tts/stream"
         with pytest.raises(InvalidStatus):
             await connect(url, origin="https://evil.example")
+        # Same host and port but another scheme is another origin (it used to pass).
+        with pytest.raises(InvalidStatus) as info:
+            await connect(url, origin=served.http_url.replace("http:", "https:"))
+        assert info.value.response.status_code == 403
         async with connect(url, origin=served.http_url) as ws:  # same origin is fine
             assert orjson.loads(await ws.recv())["type"] == "session.ready"
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme", "ok"),
+    [
+        ("http://gw:8080", "gw:8080", "ws", True),
+        ("https://gw:8080", "gw:8080", "ws", False),
+        ("https://gw", "gw", "wss", True),
+        ("http://gw", "gw", "wss", False),
+        ("HTTPS://GW", "gw", "WSS", True),
+        ("http://gw:8080", "gw:8081", "ws", False),
+        ("null", "gw", "ws", False),
+        (None, "gw", "ws", True),  # not a browser
+    ],
+)
+def test_same_origin_check_compares_scheme_and_host(origin, host, scheme, ok) -> None:
+    from gateway.server.security import OriginPolicy
+
+    assert OriginPolicy(()).allows(origin, host, scheme) is ok
 
 
 async def test_session_limit_closes_with_1013() -> None:
