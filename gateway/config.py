@@ -176,6 +176,9 @@ class LimitsSettings:
         4 * 1024 * 1024, lo=65_536, hi=1 << 31, doc="unsent frames before 4008 slow_client"
     )
     slow_client_timeout_ms: int = _f(10_000, lo=100, hi=600_000, doc="longest blocked send")
+    idle_timeout_ms: int = _f(
+        300_000, lo=0, hi=86_400_000, doc="close an idle WebSocket (1000 idle_timeout); 0 = never"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,6 +73,7 @@ def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
         max_turn_chars=lim.max_turn_chars,
         segments_per_minute=lim.segments_per_minute,
         reorder_buffer_bytes=lim.reorder_buffer_bytes,
+        idle_timeout_s=lim.idle_timeout_ms / 1000.0,
         chat_enabled=chat,
         system_prompt=settings.gateway.llm.system_prompt,
         max_history_messages=settings.gateway.llm.max_history_messages,

@@ -518,3 +518,28 @@ def test_violation_log_is_rate_limited_per_kind() -> None:
         logger.removeHandler(lines)
     assert lines.lines[-1].endswith("client closed for a (and 4 more in the last 60 s)")
     assert len(lines.lines) == 3
+
+
+async def test_an_idle_session_is_closed_and_frees_its_slot() -> None:
+    # A turn that takes longer than the idle timeout (0.6 s of chunks) is work, not idle.
+    synth = FakeSynth(chunk_delay_s=0.15)
+    settings = make_settings(**{"limits.idle_timeout_ms": 400})
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        url = served.ws_url + "/v1/tts/stream"
+        async with connect(url) as ws:
+            await ws.recv()
+            t0 = time.monotonic()
+            await send(ws, type="text.delta", text="A sentence of forty-odd characters here.")
+            await send(ws, type="text.end")
+            await recv_until(ws, "turn.done")
+            assert time.monotonic() - t0 > 0.5
+            for _ in range(6):  # pings keep it open past the timeout
+                await asyncio.sleep(0.1)
+                await send(ws, type="ping")
+            t1 = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                await recv_until(ws, "never")
+            waited = time.monotonic() - t1
+        assert info.value.rcvd.code == 1000 and info.value.rcvd.reason == "idle_timeout"
+        assert 0.3 < waited < 1.5, waited
+        assert gw.sessions.active == 0
