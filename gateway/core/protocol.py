@@ -122,6 +122,9 @@ class ProtocolOptions:
     idle_timeout_s: float = 300.0
     """A session with no client message and no work for this long is idle; 0 = never."""
     chat_enabled: bool = False
+    demo: bool = False
+    simulated: tuple[str, ...] = ()
+    """What is not real (``voicegw serve --demo``): "upstream", "chat", "snac_weights"."""
     system_prompt: str = ""
     max_history_messages: int = 40
 
@@ -269,6 +272,8 @@ class SessionProtocol:
                 "voice": self._params.voice,
                 "voices": list(VOICES),
                 "chat": self.options.chat_enabled,
+                "demo": self.options.demo,
+                "simulated": list(self.options.simulated),
             }
         )
 

@@ -50,6 +50,8 @@ class Services:
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None
     """Returns {"ready": bool, ...details}."""
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    simulated: tuple[str, ...] = ()
+    """What is simulated, for ``session.ready`` (demo: "upstream", "chat", "snac_weights")."""
 
 
 ServicesFactory = Callable[[Settings, Metrics], contextlib.AbstractAsyncContextManager[Services]]
@@ -63,7 +65,9 @@ def default_web_dir() -> Path | None:
     return here if here.is_dir() else None
 
 
-def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
+def protocol_options(
+    settings: Settings, *, chat: bool, simulated: tuple[str, ...] = ()
+) -> ProtocolOptions:
     lim = settings.gateway.limits
     return ProtocolOptions(
         segmenter=SegmenterOptions.from_settings(settings.gateway.segmenter),
@@ -75,6 +79,8 @@ def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
         reorder_buffer_bytes=lim.reorder_buffer_bytes,
         idle_timeout_s=lim.idle_timeout_ms / 1000.0,
         chat_enabled=chat,
+        demo=settings.gateway.demo,
+        simulated=simulated,
         system_prompt=settings.gateway.llm.system_prompt,
         max_history_messages=settings.gateway.llm.max_history_messages,
     )
@@ -129,9 +135,10 @@ class Gateway:
     ) -> SessionEngine:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
-        protocol = SessionProtocol(
-            session_id, protocol_options(self.settings, chat=chat is not None), clock=self.clock
+        options = protocol_options(
+            self.settings, chat=chat is not None, simulated=self.services.simulated
         )
+        protocol = SessionProtocol(session_id, options, clock=self.clock)
         return SessionEngine(
             protocol,
             self.services.synth,

@@ -53,7 +53,15 @@ def test_session_ready_comes_first() -> None:
         "voice": "tara",
         "voices": ["tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe"],
         "chat": False,
+        "demo": False,
+        "simulated": [],
     }
+
+
+def test_session_ready_says_what_the_demo_simulates() -> None:
+    p, _ = make(demo=True, simulated=("upstream", "snac_weights"))
+    (ready,) = events(p)
+    assert (ready["demo"], ready["simulated"]) == (True, ["upstream", "snac_weights"])
 
 
 def test_segments_start_as_soon_as_they_are_cut() -> None:
