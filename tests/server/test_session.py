@@ -543,3 +543,51 @@ async def test_an_idle_session_is_closed_and_frees_its_slot() -> None:
         assert info.value.rcvd.code == 1000 and info.value.rcvd.reason == "idle_timeout"
         assert 0.3 < waited < 1.5, waited
         assert gw.sessions.active == 0
+
+
+async def slow_reader_session(
+    outbound_queue_bytes: int, chunk_bytes: int, chunk_delay_s: float
+) -> tuple[float, int | None, Any]:
+    """A raw client with a 4 KiB receive window sends a long turn and stops reading.
+    Returns how long the gateway took to release the session, the close code the client
+    sees when it reads again (None: the stream ended without a close frame), and metrics."""
+    synth = FakeSynth(chunk_bytes=chunk_bytes, chunk_delay_s=chunk_delay_s)
+    settings = make_settings(
+        **{
+            "limits.outbound_queue_bytes": outbound_queue_bytes,
+            "limits.slow_client_timeout_ms": 300,
+        }
+    )
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        c = await RawClient.connect(served.port, rcvbuf=4096)
+        await c.send(text_frame({"type": "text.delta", "text": "word " * 2000}))
+        await c.send(text_frame({"type": "text.end"}))
+        t0 = time.monotonic()
+        async with asyncio.timeout(15):
+            while gw.sessions.active:
+                await asyncio.sleep(0.01)
+        released = time.monotonic() - t0
+        assert synth.active == 0 and not gw.engines  # the work stopped with the session
+        metrics = gw.metrics.render()
+        code = await c.close_code(timeout=10)
+        c.abort()
+    return released, code, metrics
+
+
+async def test_a_slow_client_whose_queue_overflows_sees_4008_when_it_reads_again() -> None:
+    # Audio comes far faster than the client reads: the outbound queue overflows while the
+    # socket still takes writes, so the close frame is queued behind the audio.
+    released, code, metrics = await slow_reader_session(256 * 1024, 64 * 1024, 0.0)
+    assert code == 4008
+    assert released < 0.3 + 2.0 + 0.5
+    assert b'voicegw_errors_total{code="slow_client"} 1.0' in metrics
+
+
+async def test_a_client_that_stopped_reading_is_released_without_a_close_frame() -> None:
+    # The queue never overflows, a send blocks instead: the socket cannot take the close
+    # frame either. The session ends within the fill time + slow_client_timeout (0.3 s) +
+    # the close wait (2 s), and the connection ends without a close frame (README).
+    released, code, metrics = await slow_reader_session(64 * 1024 * 1024, 16 * 1024, 0.01)
+    assert code is None
+    assert released < 6.0, released
+    assert b'voicegw_errors_total{code="slow_client"} 1.0' in metrics
