@@ -28,6 +28,10 @@ class ErrorCode(StrEnum):
     FORBIDDEN_ORIGIN = "forbidden_origin"
     TOO_MANY_SESSIONS = "too_many_sessions"
     SLOW_CLIENT = "slow_client"
+    # HTTP only.
+    BODY_TOO_LARGE = "body_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    NOT_FOUND = "not_found"
     # Upstream (vLLM) errors.
     OVERLOADED = "overloaded"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"

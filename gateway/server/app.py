@@ -37,6 +37,7 @@ from gateway.server.session import (
     run_session,
 )
 from gateway.server.speech import openai_error, speech
+from gateway.serving import install_log_redaction
 
 log = logging.getLogger("voicegw.app")
 
@@ -233,13 +234,41 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 or 503 for load balancers, with a reason code. The details (upstream host names
+    and ports, decoder state) only for a caller with a valid key, or when there are no keys
+    (no auth at all): they map the deployment for anyone who can reach the port."""
     gw = _gw(request)
     if gw.services is None:
-        return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
-    if gw.services.readiness is None:
-        return JSONResponse({"ready": True})
-    detail = await gw.services.readiness()
-    return JSONResponse(detail, status_code=200 if detail.get("ready") else 503)
+        detail: dict[str, Any] = {"ready": False}
+    elif gw.services.readiness is None:
+        detail = {"ready": True}
+    else:
+        detail = await gw.services.readiness()
+    ready = bool(detail.get("ready"))
+    reason = "ok" if ready else _not_ready_reason(gw, detail)
+    status = 200 if ready else 503
+    if gw.keys.check(request.headers, request.query_params) is None:
+        return JSONResponse({"ready": ready, "reason": reason}, status_code=status)
+    return JSONResponse({**detail, "ready": ready, "reason": reason}, status_code=status)
+
+
+def _not_ready_reason(gw: Gateway, detail: dict[str, Any]) -> str:
+    if gw.services is None:
+        return "starting"
+    if "upstreams_available" in detail and not detail["upstreams_available"]:
+        return ErrorCode.UPSTREAM_UNAVAILABLE.value
+    return "not_ready"
+
+
+async def ws_not_found(ws: WebSocket) -> None:
+    """A WebSocket to any other path: 404 with OpenAI's error body, not a bare 403."""
+    gw = _gw(ws)
+    gw.metrics.errors.labels(ErrorCode.NOT_FOUND.value).inc()
+    await ws.send_denial_response(
+        openai_error(
+            404, f"no WebSocket endpoint at {ws.url.path}; use /v1/tts/stream", ErrorCode.NOT_FOUND
+        )
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -253,6 +282,7 @@ def create_app(
     settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
 ) -> Starlette:
     gw = Gateway(settings, factory)
+    install_log_redaction()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -265,6 +295,8 @@ def create_app(
 
     routes: list[Any] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),
+        # Before the static mount, which would otherwise take (and fail) every WebSocket.
+        WebSocketRoute("/{path:path}", ws_not_found),
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/voices", voices),
         Route("/healthz", healthz),

@@ -139,6 +139,7 @@ def run_server(settings: Settings) -> int:
     import uvicorn
 
     from gateway.server.app import create_app
+    from gateway.serving import server_options
 
     interval = settings.gateway.decoder.switch_interval_ms
     if interval > 0:
@@ -156,13 +157,9 @@ def run_server(settings: Settings) -> int:
         host=srv.host,
         port=srv.port,
         loop="uvloop",
-        ws="websockets-sansio",  # the legacy websockets implementation is deprecated
         log_level=srv.log_level,
-        # Frames up to max_frame_bytes get a clear error event; far bigger ones are
-        # refused by the WebSocket layer (close 1009) before they are even buffered.
-        ws_max_size=max(2 * settings.gateway.limits.max_frame_bytes, 65_536),
-        timeout_graceful_shutdown=5,
-        lifespan="on",
+        # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.serving).
+        **server_options(settings),
     )
     uvicorn.Server(config).run()
     return 0

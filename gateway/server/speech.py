@@ -158,9 +158,10 @@ def parse_speech(body: object, *, default_voice: str, max_chars: int) -> SpeechR
     return SpeechRequest(text, voice, fmt)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole body, refusing more than ``limit`` bytes by Content-Length before reading
-    and by counting while reading (a chunked upload has no Content-Length)."""
+    and by counting while reading (a chunked upload has no Content-Length), and a body
+    that has not arrived within ``timeout_s`` (a stalled upload would hold its task)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -169,17 +170,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequestError(
+            f"the request body did not arrive within {timeout_s:g} s",
+            code=ErrorCode.REQUEST_TIMEOUT, status=408,
+        ) from None  # fmt: skip
     return b"".join(chunks)
 
 
 def _too_large(limit: int) -> BadRequestError:
     return BadRequestError(
-        f"request body is over {limit} bytes", code=ErrorCode.FRAME_TOO_LARGE, status=413
+        f"request body is over {limit} bytes", code=ErrorCode.BODY_TOO_LARGE, status=413
     )
 
 
@@ -212,7 +220,8 @@ async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRe
         return openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
     lim = gw.settings.gateway.limits
     try:
-        raw = await read_body(request, lim.max_body_bytes)
+        timeout_s = gw.settings.gateway.server.request_timeout_ms / 1000
+        raw = await read_body(request, lim.max_body_bytes, timeout_s)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -224,7 +233,9 @@ async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRe
         )
     except BadRequestError as exc:
         gw.metrics.errors.labels(exc.code.value).inc()
-        return openai_error(exc.status, exc.message, exc.code, exc.param, close=exc.status == 413)
+        # An unread rest of the body is not worth reading: close the connection after.
+        close = exc.status in (408, 413)
+        return openai_error(exc.status, exc.message, exc.code, exc.param, close=close)
     refusal = gw.sessions.try_acquire(principal)
     if refusal is not None:
         gw.metrics.errors.labels(ErrorCode.TOO_MANY_SESSIONS.value).inc()

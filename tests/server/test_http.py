@@ -6,7 +6,10 @@ import struct
 
 import httpx
 import openai
+import orjson
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from gateway.errors import UpstreamError
 from tests.server.conftest import make_settings, running_gateway
@@ -107,3 +110,42 @@ async def test_small_endpoints() -> None:
                 ln for ln in m.splitlines() if ln.startswith("voicegw_gateway_event_loop_tasks ")
             ]
             assert len(tasks) == 1 and float(tasks[0].split()[1]) >= 1
+
+
+async def test_readyz_details_need_a_key() -> None:
+    settings = make_settings(**{"auth.api_keys": ["k1"]})
+    async with running_gateway(fake_services(FakeSynth(), ready=False), settings) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            anon = await http.get("/readyz")
+            wrong = await http.get("/readyz", headers={"authorization": "Bearer nope"})
+            keyed = await http.get("/readyz", headers={"authorization": "Bearer k1"})
+    # Without a valid key: the verdict and a reason code, nothing about the deployment.
+    for r in (anon, wrong):
+        assert r.status_code == 503 and r.json() == {"ready": False, "reason": "not_ready"}
+    assert keyed.status_code == 503
+    assert keyed.json() == {
+        "ready": False,
+        "reason": "not_ready",
+        "decoder": "fake",
+        "upstreams": 0,
+    }
+
+
+async def test_readyz_without_keys_configured_shows_the_details() -> None:
+    async with running_gateway(fake_services(FakeSynth())) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "reason": "ok", "decoder": "fake", "upstreams": 1}
+
+
+async def test_a_wrong_websocket_path_is_a_404_with_an_openai_error() -> None:
+    async with running_gateway(fake_services(FakeSynth())) as (served, gw):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(served.ws_url + "/v1/tts/nope"):
+                pass
+        assert gw.sessions.active == 0
+    resp = info.value.response
+    assert resp.status_code == 404
+    err = orjson.loads(resp.body)["error"]
+    assert err["code"] == "not_found" and "/v1/tts/stream" in err["message"]

@@ -281,7 +281,7 @@ async def test_an_oversized_body_is_refused_by_content_length_before_it_is_read(
     status, _, rest = answer.partition(b"\r\n")
     assert status == b"HTTP/1.1 413 Request Entity Too Large"
     err = orjson.loads(rest.partition(b"\r\n\r\n")[2])["error"]
-    assert err["code"] == "frame_too_large" and "4096" in err["message"]
+    assert err["code"] == "body_too_large" and "4096" in err["message"]
 
 
 async def test_an_oversized_chunked_body_is_refused_while_it_streams() -> None:
@@ -295,7 +295,7 @@ async def test_an_oversized_chunked_body_is_refused_while_it_streams() -> None:
         # 6 KiB sent, no terminating chunk: the refusal cannot wait for the end.
         answer = await raw_post(served.port, head, [chunk, chunk, chunk])
     assert answer.startswith(b"HTTP/1.1 413 ")
-    assert b'"code":"frame_too_large"' in answer
+    assert b'"code":"body_too_large"' in answer
 
 
 async def test_a_body_at_the_limit_is_accepted() -> None:
@@ -308,3 +308,19 @@ async def test_a_body_at_the_limit_is_accepted() -> None:
                 "/v1/audio/speech", content=body, headers={"content-type": "application/json"}
             )
     assert r.status_code == 200 and len(r.content) > 0
+
+
+async def test_a_stalled_body_gets_a_408_within_the_request_timeout() -> None:
+    settings = make_settings(**{"server.request_timeout_ms": 300})
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, gw):
+        head = (
+            b"POST /v1/audio/speech HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: 100\r\n\r\n"
+        )
+        t0 = time.perf_counter()
+        answer = await raw_post(served.port, head, [b'{"input": "Hi'])
+        took = time.perf_counter() - t0
+        assert gw.sessions.active == 0
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"code":"request_timeout"' in answer
+    assert 0.25 <= took < 1.0
