@@ -131,13 +131,6 @@ class ServerSettings:
     shutdown_timeout_ms: int = _f(
         5_000, lo=0, hi=600_000, doc="at shutdown, then running sessions are cancelled"
     )
-    request_timeout_ms: int = _f(
-        10_000, lo=100, hi=600_000, doc="request line+headers, and a body, must arrive within"
-    )
-    keep_alive_timeout_ms: int = _f(5_000, lo=100, hi=600_000, doc="idle kept-alive connection")
-    shutdown_timeout_ms: int = _f(
-        5_000, lo=0, hi=600_000, doc="at shutdown, then running sessions are cancelled"
-    )
 
 
 @dataclass(frozen=True, slots=True)
