@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     BUFFER_OVERFLOW = "buffer_overflow"
     CONFIG_ERROR = "config_error"
     MODEL_LOAD_FAILED = "model_load_failed"
+    SERVE_FAILED = "serve_failed"
     LLM_ERROR = "llm_error"
     INTERNAL = "internal_error"
 
@@ -77,6 +78,13 @@ class ConfigError(GatewayError):
     """A setting is invalid. Raised at start-up, names the key, the value and what is allowed."""
 
     default_code = ErrorCode.CONFIG_ERROR
+
+
+class ServeError(GatewayError):
+    """``voicegw serve`` cannot start or keep running (port taken, demo upstream gone); the
+    message is one line that says why and what to do."""
+
+    default_code = ErrorCode.SERVE_FAILED
 
 
 class ProtocolError(GatewayError):
