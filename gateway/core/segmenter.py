@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.codec import neutralize_control_tokens
 from gateway.vocab import TextSegment
 
 # ----------------------------------------------------------------------------------------
@@ -165,10 +166,13 @@ _RE_EMOJI = re.compile(
 
 
 def speakable(raw: str) -> str:
-    """What Orpheus should say for ``raw``: markdown and emoji removed, whitespace collapsed.
+    """What Orpheus should say for ``raw``: markdown, emoji and control tokens removed,
+    whitespace collapsed.
 
     Emotion tags (``<laugh>``, ``<sigh>`` …) and any other ``<...>`` text are left
-    untouched: Orpheus understands the tags and they are not markup.
+    untouched: Orpheus understands the tags and they are not markup. Spans shaped like the
+    tokenizer's control tokens (``<|eot_id|>``, ``<custom_token_4>``) are removed: text must
+    never change the prompt's structure.
     """
     s = _RE_IMAGE.sub(r"\1", raw)
     s = _RE_LINK.sub(r"\1", s)
@@ -188,11 +192,12 @@ def speakable(raw: str) -> str:
     s = _RE_STRAY.sub("", s)
     # Drop emoji with the space before them, so "funny 😀!" reads "funny!".
     s = _RE_EMOJI.sub("", s)
-    return _RE_WS.sub(" ", s).strip()
+    # Last: removing markup above could join the pieces of a control token.
+    return _RE_WS.sub(" ", neutralize_control_tokens(s)).strip()
 
 
 def _plain(raw: str) -> str:
-    return _RE_WS.sub(" ", raw).strip()
+    return _RE_WS.sub(" ", neutralize_control_tokens(raw)).strip()
 
 
 # ----------------------------------------------------------------------------------------
