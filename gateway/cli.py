@@ -176,6 +176,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.fake_vllm import main as fake_main
 
         return fake_main(argv[1:])
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (`voicegw config --keys | head`, or `--help`): stop quietly,
+        # as a tool killed by SIGPIPE would. Point stdout at /dev/null so the exit's flush
+        # is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -189,15 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"voicegw: configuration error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader went away (`voicegw config --keys | head`): stop quietly, as a tool
-        # killed by SIGPIPE would. Point stdout at /dev/null so the exit's flush is quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 128 + signal.SIGPIPE
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
     except GatewayError as exc:
         # A start that cannot work (port taken, no SNAC weights, ...): one line with the
         # cause and what to do; the traceback only when asked for.

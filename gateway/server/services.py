@@ -116,6 +116,8 @@ class DemoUpstream:
             ]  # fmt: skip
             # Its own session: a Ctrl-C in the terminal reaches only the gateway, which
             # then stops the child in order (after its own upstream streams are closed).
+            # The child's parent-death signal fires when the *thread* that started it
+            # ends, so this runs on the main thread (run_server's).
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), start_new_session=True
             )
@@ -324,8 +326,9 @@ def run_server(settings: Settings) -> int:
             child: DemoUpstream | None = None
             wiring: DemoWiring | None = None
             if settings.gateway.demo:
-                child = DemoUpstream(settings.vllm.tts_model).start()
-                stack.callback(child.stop)
+                child = DemoUpstream(settings.vllm.tts_model)
+                stack.callback(child.stop)  # before start(): a SIGTERM may come mid-way
+                child.start()
                 settings, chat = child.wire(settings)
                 wiring = DemoWiring(upstream_url=child.base_url, chat=chat)
             return _serve(
