@@ -45,16 +45,13 @@ def bind_listen_socket(host: str, port: int) -> socket.socket:
     """Bind the gateway's port before anything else happens (model load, fake vLLM, banner),
     so that a taken port is one clear line; uvicorn gets this socket, so nobody can take the
     port in between."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}; check --host") from exc
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
+    # The address family as uvicorn picks it: IPv6 only for an IPv6 literal.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     # As uvicorn does: a restart may rebind while old connections sit in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
