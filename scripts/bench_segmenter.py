@@ -73,29 +73,32 @@ def _deltas(text: str, mode: str) -> list[str]:
 def run_case(text: str, mode: str, opts: SegmenterOptions) -> dict[str, float]:
     seg = Segmenter(opts)
     deltas = _deltas(text, mode)
-    worst = 0.0
+    times: list[float] = []
+    worst_work = 0
     longest = 0
     count = 0
     t0 = time.perf_counter()
-    for d in deltas:
+    for d in [*deltas, None]:
+        w = getattr(seg, "work", 0)
         t = time.perf_counter()
-        out = seg.feed(d)
-        worst = max(worst, time.perf_counter() - t)
+        out = seg.feed(d) if d is not None else seg.flush()
+        times.append(time.perf_counter() - t)
+        worst_work = max(worst_work, getattr(seg, "work", 0) - w)
         count += len(out)
         longest = max([longest, *(len(s.text) for s in out)])
-    t = time.perf_counter()
-    out = seg.flush()
-    worst = max(worst, time.perf_counter() - t)
     total = time.perf_counter() - t0
-    count += len(out)
-    longest = max([longest, *(len(s.text) for s in out)])
+    times.sort()
     return {
         "chars_per_s": len(text) / total,
         "total_s": total,
-        "worst_delta_ms": worst * 1000.0,
+        # On a shared machine the maximum also catches other processes' time slices; the
+        # 99.9th percentile and the worst delta's work (characters examined) do not.
+        "worst_delta_ms": times[-1] * 1000.0,
+        "p999_delta_ms": times[int(len(times) * 0.999)] * 1000.0,
         "segments": count,
         "longest": longest,
         "work_per_char": getattr(seg, "work", 0) / max(len(text), 1),
+        "worst_delta_work": worst_work,
     }
 
 
@@ -109,8 +112,8 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"max_chars={opts.max_chars}  min_chars={opts.min_chars}")
     print(
-        f"{'case':<18}{'mode':<8}{'chars':>7}{'chars/s':>12}{'worst ms':>10}"
-        f"{'segs':>7}{'longest':>9}{'work/ch':>9}"
+        f"{'case':<18}{'mode':<8}{'chars':>7}{'chars/s':>12}{'worst ms':>10}{'p99.9 ms':>10}"
+        f"{'segs':>7}{'longest':>9}{'work/ch':>9}{'max work':>10}"
     )
     broken = 0
     for name in args.cases.split(","):
@@ -122,8 +125,10 @@ def main() -> int:
                 broken += over
                 print(
                     f"{name:<18}{mode:<8}{n:>7}{r['chars_per_s']:>12,.0f}"
-                    f"{r['worst_delta_ms']:>10.2f}{r['segments']:>7}{r['longest']:>9}"
-                    f"{r['work_per_char']:>9.2f}" + ("  OVER max_chars" if over else ""),
+                    f"{r['worst_delta_ms']:>10.2f}{r['p999_delta_ms']:>10.3f}"
+                    f"{r['segments']:>7}{r['longest']:>9}"
+                    f"{r['work_per_char']:>9.2f}{r['worst_delta_work']:>10}"
+                    + ("  OVER max_chars" if over else ""),
                     flush=True,
                 )
     return 1 if broken else 0

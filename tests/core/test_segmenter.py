@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -483,3 +484,20 @@ def test_hostile_text_fed_one_character_at_a_time_keeps_the_work_bound(
     out, _ = feed_one_by_one(s, text)
     assert all(len(x) <= opts.max_chars for x in out)
     assert s.work <= work_bound(opts, len(text))
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=HOSTILE, cuts=st.lists(st.integers(0, 100_000), max_size=40), opts=HOSTILE_OPTIONS)
+def test_idle_release_on_hostile_text_keeps_the_ceiling(
+    text: str, cuts: list[int], opts: SegmenterOptions
+) -> None:
+    clock = FakeClock()
+    s = Segmenter(dataclasses.replace(opts, idle_flush_ms=100), clock=clock)
+    out = []
+    for piece in _chunked(text, cuts):
+        out.extend(s.feed(piece))
+        clock.advance(0.2)  # every delta is followed by an idle release
+        out.extend(s.tick())
+    out.extend(s.flush())
+    assert all(len(x.text) <= opts.max_chars for x in out)
+    assert s.work <= work_bound(opts, len(text)) + 2 * opts.max_chars * (len(cuts) + 1)
