@@ -314,6 +314,7 @@ def test_demo_runs_its_fake_vllm_as_a_child_and_stops_it_with_the_gateway(
             ready = json.loads(ws.recv(timeout=30))
         assert ready["type"] == "session.ready"
         assert (ready["demo"], ready["simulated"]) == (True, ["upstream", "chat", "snac_weights"])
+        assert f"(child process {fake}; no GPU, no Orpheus)" in (tmp_path / "serve.log").read_text()
         gw.send_signal(sig)
         assert gw.wait(timeout=60) == 128 + sig
         assert not alive(fake)

@@ -183,6 +183,7 @@ class DemoWiring:
 
     upstream_url: str
     chat: bool
+    pid: int | None = None
 
 
 @contextlib.asynccontextmanager
@@ -205,7 +206,10 @@ async def real_services(
     async with contextlib.AsyncExitStack() as stack:
         upstream_desc = ", ".join(e.base_url for e in vllm.endpoint_list)
         if demo is not None:
-            upstream_desc = f"SIMULATED fake vLLM at {demo.upstream_url} (no GPU, no Orpheus)"
+            upstream_desc = (
+                f"SIMULATED fake vLLM at {demo.upstream_url} "
+                f"(child process {demo.pid}; no GPU, no Orpheus)"
+            )
         if model is None:
             # Off the event loop; a model that cannot be loaded stops the start with its
             # cause (demo mode falls back to random weights).
@@ -327,7 +331,7 @@ def run_server(settings: Settings) -> int:
                 stack.callback(child.stop)  # before start(): a SIGTERM may come mid-way
                 child.start()
                 settings, chat = child.wire(settings)
-                wiring = DemoWiring(upstream_url=child.base_url, chat=chat)
+                wiring = DemoWiring(upstream_url=child.base_url, chat=chat, pid=child.pid)
             return _serve(
                 settings, sock, functools.partial(real_services, model=model, demo=wiring), child
             )
