@@ -93,5 +93,5 @@ def test_a_busy_port_is_a_serve_error_that_suggests_another() -> None:
 
 def test_an_address_not_on_this_host_is_a_serve_error_naming_it() -> None:
     # 192.0.2.1 is TEST-NET-1: never a local address, and no DNS lookup to wait for.
-    with pytest.raises(ServeError, match="cannot listen on 192.0.2.1:0: Cannot assign"):
+    with pytest.raises(ServeError, match=r"cannot listen on 192\.0\.2\.1:0: Cannot assign"):
         bind_listen_socket("192.0.2.1", 0)
