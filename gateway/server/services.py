@@ -298,13 +298,6 @@ def _observe_request(metrics: Metrics, st: Any) -> None:
         metrics.upstream_tps.observe(st.tokens_per_s)
 
 
-def _raise_exit(signum: int, frame: Any) -> None:
-    # SIGTERM as an exception, so that every ``finally`` (the demo's child process) runs:
-    # uvicorn re-raises the signal after its graceful shutdown, and the default action
-    # would end the process on the spot.
-    raise SystemExit(128 + signum)
-
-
 def run_server(settings: Settings) -> int:
     """``voicegw serve``: uvicorn with uvloop, the real services.
 
@@ -314,7 +307,17 @@ def run_server(settings: Settings) -> int:
     from gateway.decoder.snac_model import load_snac
 
     srv = settings.gateway.server
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # SIGINT and SIGTERM as an exception, so that every ``finally`` (the demo's child
+        # process) runs; uvicorn re-raises them here after its graceful shutdown.
+        caught.append(signum)
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGINT, signal.SIGTERM) if main else ()
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         with contextlib.ExitStack() as stack:
             sock = stack.enter_context(bind_listen_socket(srv.host, srv.port))
@@ -336,7 +339,18 @@ def run_server(settings: Settings) -> int:
                 settings, sock, functools.partial(real_services, model=model, demo=wiring), child
             )
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            # Everything we own is stopped: now die of the signal itself, as uvicorn would
+            # have. Supervisors read that as a clean stop (systemd does not for exit 143),
+            # and it skips the interpreter's finalisation, 2-5 s of garbage collection
+            # once torch is loaded.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(caught[0], signal.SIG_DFL)
+            signal.raise_signal(caught[0])
 
 
 def _serve(
