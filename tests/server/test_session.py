@@ -330,7 +330,8 @@ async def test_a_turn_of_300_short_sentences_ends_and_the_next_turn_plays() -> N
                 for i in range(0, len(text), 64):
                     await send(ws, type="text.delta", text=text[i : i + 64])
                 await send(ws, type="text.end")
-                events = await recv_until(ws, "turn.done", timeout=60)
+                # 300 SNAC decodes: about 20 CPU-s; minutes of wall time on a loaded machine.
+                events = await recv_until(ws, "turn.done", timeout=240)
                 await send(ws, type="text.delta", text="And one more turn.")
                 await send(ws, type="text.end")
                 after = await recv_until(ws, "turn.done", timeout=30)
