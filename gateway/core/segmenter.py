@@ -335,6 +335,7 @@ _WS = frozenset(
 # How far past max_chars a sentence end may look for the character that decides it
 # (whitespace is collapsed, so this is the space plus a few opening quotes/brackets).
 _LOOKAHEAD = 8
+_FEED_PIECE = 512
 
 
 @dataclass(slots=True)
@@ -372,6 +373,7 @@ class Segmenter:
         self._clock = clock
         self._pre = _Prefilter()
         self._buf = ""
+        self._off = 0  # where the text not yet released starts in _buf
         self._first = True
         self._last_input: float | None = None
         self.work = 0
@@ -386,14 +388,20 @@ class Segmenter:
     @property
     def pending(self) -> str:
         """Text received but not yet released (after prefiltering)."""
-        return self._buf
+        return self._buf[self._off :]
 
     def feed(self, delta: str) -> list[TextSegment]:
         if self._clock is not None:
             self._last_input = self._clock()
         self.work += len(delta)
-        self._buf += self._pre.feed(delta)
-        return self._drain(final=False)
+        text = self._pre.feed(delta)
+        out: list[TextSegment] = []
+        # A long delta goes in piece by piece (the result is the same, whatever the delta
+        # sizes), so the buffer stays about one segment long instead of holding the delta.
+        for k in range(0, len(text), _FEED_PIECE):
+            self._buf += text[k : k + _FEED_PIECE]
+            out.extend(self._drain(final=False))
+        return out
 
     def tick(self) -> list[TextSegment]:
         """Idle flush: call periodically. Stalled text is released at a clause boundary."""
@@ -402,7 +410,7 @@ class Segmenter:
             opts.idle_flush_ms <= 0
             or self._clock is None
             or self._last_input is None
-            or not self._buf.strip()
+            or not self.pending.strip()
             or (self._clock() - self._last_input) * 1000.0 < opts.idle_flush_ms
         ):
             return []
@@ -418,7 +426,7 @@ class Segmenter:
         fast-first rule applies again to the next text); ``text.flush`` keeps the turn."""
         self._buf += self._pre.flush()
         out = self._drain(final=True)
-        if self._buf.strip():
+        if self.pending.strip():
             out.extend(self._emit(_Cut(len(self._buf), "end")))
         self._set_buf("")
         self._last_input = None
@@ -435,9 +443,10 @@ class Segmenter:
 
     # -- internals -------------------------------------------------------------------
 
-    def _set_buf(self, buf: str) -> None:
-        # Positions in the scan state refer to the old buffer: start over.
+    def _set_buf(self, buf: str, off: int = 0) -> None:
+        # The scan state belongs to the segment just cut: start over.
         self._buf = buf
+        self._off = off
         self._resume = None
         self._walks.clear()
         self._runs.clear()
@@ -451,9 +460,19 @@ class Segmenter:
             out.extend(self._emit(cut))
 
     def _emit(self, cut: _Cut) -> list[TextSegment]:
-        raw = self._buf[: cut.end]
-        self._set_buf(self._buf[cut.end :].lstrip(" \n"))
+        buf = self._buf
+        raw = buf[self._off : cut.end]
         self.work += len(raw)
+        off = cut.end
+        while off < len(buf) and buf[off] in " \n":  # whitespace between segments
+            off += 1
+        if 2 * off >= len(buf):
+            # Drop released text once it is most of the buffer: each character is copied
+            # at most once more, so cutting many segments from one delta stays linear.
+            self.work += len(buf) - off
+            self._set_buf(buf[off:])
+        else:
+            self._set_buf(buf, off)
         text = speakable(raw) if self.options.normalize else _plain(raw)
         if not text:
             return []
@@ -469,7 +488,7 @@ class Segmenter:
         if end - start < floor:
             return False
         self.work += end - start
-        raw = self._buf[:end]
+        raw = self._buf[self._off : end]
         return (len(speakable(raw)) if self.options.normalize else len(_plain(raw))) >= floor
 
     def _walk(self, p: int, cls: frozenset[str], stop: int) -> int:
@@ -499,11 +518,11 @@ class Segmenter:
             i, start, line = r.pos, r.start, r.line
             last_sentence, last_clause = r.last_sentence, r.last_clause
         else:
-            i = 0
-            # Skip leading whitespace left over from the previous cut.
+            i = self._off
+            # Skip leading whitespace (a turn may start with it).
             while i < n and buf[i] in " \n":
                 i += 1
-            self.work += i + 1
+            self.work += i - self._off + 1
             start = line = i
             last_sentence = -1  # sentence ends skipped because the segment was still short
             last_clause = -1
@@ -551,7 +570,7 @@ class Segmenter:
                 i = max(end, i + 1)
                 continue
             if ch in _CLAUSE_STARTS:
-                end, verdict = self._clause(buf, i, stop, final)
+                end, verdict = self._clause(buf, i, stop, final, i == self._off)
                 if verdict == _LONG or end - start > opts.max_chars:
                     return long_cut()
                 if verdict == _NEED_MORE:
@@ -680,13 +699,13 @@ class Segmenter:
                 return (k, _NO)  # a list marker "1. " / "a. " at the start of a line
         return (k, _CUT)
 
-    def _clause(self, buf: str, i: int, stop: int, final: bool) -> tuple[int, int]:
+    def _clause(self, buf: str, i: int, stop: int, final: bool, at_start: bool) -> tuple[int, int]:
         """A clause boundary: ``, ; :`` or a dash, followed by whitespace."""
         n = len(buf)
         ch = buf[i]
         if ch == "-":
             # Only a spaced hyphen " - " is a dash; "well-known" and "-3.5" are not.
-            if i == 0 or buf[i - 1] != " ":
+            if at_start or buf[i - 1] != " ":
                 return (i + 1, _NO)
             if i + 1 >= n:
                 return (i + 1, _NO if final else _NEED_MORE)

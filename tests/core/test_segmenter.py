@@ -403,6 +403,17 @@ def test_runs_fed_one_character_at_a_time_cost_a_constant_per_character(text: st
     assert worst <= 4 * opts.max_chars
 
 
+@pytest.mark.parametrize("unit", ["Hi. ", "word ", "a\n\n", "Ok! Yes! "])
+def test_one_long_delta_costs_a_constant_per_character(unit: str) -> None:
+    """Cutting many segments from one delta copied the rest of the delta at every cut."""
+    text = unit * (60_000 // len(unit))
+    s = Segmenter(SegmenterOptions())
+    out = s.feed(text) + s.flush()
+    assert out and all(len(x.text) <= s.options.max_chars for x in out)
+    assert s.work <= 8 * len(text)
+    assert s.pending == ""
+
+
 UNITS = st.sampled_from(
     [
         ".",
