@@ -401,6 +401,10 @@ class Segmenter:
         for k in range(0, len(text), _FEED_PIECE):
             self._buf += text[k : k + _FEED_PIECE]
             out.extend(self._drain(final=False))
+        if not text:
+            # Drain anyway, as every feed always has: with nothing new the scan resumes where
+            # it stopped, so this costs a few steps.
+            out.extend(self._drain(final=False))
         return out
 
     def tick(self) -> list[TextSegment]:
