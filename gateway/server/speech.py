@@ -244,7 +244,7 @@ async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRe
 
 
 async def _run(
-    gw: Gateway, req: SpeechRequest, principal: Any, receive: Receive, send: Send
+    gw: Gateway, req: SpeechRequest, principal: Principal, receive: Receive, send: Send
 ) -> None:
     """Stream one admitted request; always closes the engine and releases the slot."""
     lim = gw.settings.gateway.limits
@@ -307,7 +307,12 @@ async def _respond(
     first: bytes | None = None
     errors: list[dict[str, Any]] = []
     while first is None:
-        o = await outbox.get()
+        try:
+            o = await outbox.get()
+        except SlowClientError:  # only if outbound_queue_bytes is set below one burst
+            msg = "more audio at once than outbound_queue_bytes holds"
+            errors.append({"code": ErrorCode.BUFFER_OVERFLOW, "message": msg})
+            break
         if isinstance(o.data, bytes):
             first = o.data
             break
@@ -319,7 +324,7 @@ async def _respond(
     if first is None:
         if errors:
             e = errors[0]
-            status = 503 if e["code"] == ErrorCode.OVERLOADED else 502
+            status = 503 if e["code"] in (ErrorCode.OVERLOADED, ErrorCode.BUFFER_OVERFLOW) else 502
             resp = openai_error(status, e["message"], e["code"])
         else:
             resp = openai_error(502, "the upstream produced no audio", ErrorCode.NO_AUDIO)

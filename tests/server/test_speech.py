@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from gateway.core.codec import VOICES
-from gateway.errors import ErrorCode
+from gateway.errors import ErrorCode, UpstreamError
 from gateway.fake_vllm import FakeVLLMOptions
 from gateway.server.app import create_app
 from gateway.server.speech import BadRequestError, parse_speech
@@ -324,3 +324,33 @@ async def test_a_stalled_body_gets_a_408_within_the_request_timeout() -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b'"code":"request_timeout"' in answer
     assert 0.25 <= took < 1.0
+
+
+async def test_a_request_that_fails_before_any_audio_frees_its_slot() -> None:
+    synth = FakeSynth()
+    synth.fail_texts = {"Doomed.": UpstreamError("vLLM said no", transient=False)}
+    async with running_gateway(fake_services(synth)) as (served, gw):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.post("/v1/audio/speech", json={"input": "Doomed."})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+        for _ in range(100):
+            if not (gw.sessions.active or gw.engines):
+                break
+            await asyncio.sleep(0.01)
+        assert gw.sessions.active == 0 and not gw.engines and synth.active == 0
+
+
+async def test_more_audio_at_once_than_the_outbound_limit_is_a_503_not_a_traceback() -> None:
+    # One chunk larger than outbound_queue_bytes (set to its minimum): the bound holds, and
+    # the client gets an OpenAI error instead of uvicorn's plain-text 500.
+    synth = FakeSynth(chunk_bytes=131_072)
+    settings = make_settings(**{"limits.outbound_queue_bytes": 65_536})
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.post("/v1/audio/speech", json={"input": "Hello there, friend."})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "buffer_overflow"
+        for _ in range(100):
+            if not gw.sessions.active:
+                break
+            await asyncio.sleep(0.01)
+        assert gw.sessions.active == 0 and synth.active == 0
