@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from starlette.applications import Starlette
@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
+from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.config import Settings
 from gateway.core.codec import VOICES
@@ -157,22 +158,30 @@ def _gw(obj: Request | WebSocket) -> Gateway:
     return obj.app.state.gateway
 
 
+async def _deny(ws: WebSocket, response: Response) -> NoReturn:
+    """Refuse a WebSocket upgrade with an HTTP response, and end the connection's task.
+
+    uvicorn's websockets-sansio protocol (0.54) does not count a denial response as a
+    finished handshake: an app that then returns normally gets "ASGI callable returned
+    without completing handshake." logged at ERROR for every refused upgrade. The
+    connection is over once the response is out, which is what ClientDisconnected says,
+    and uvicorn ends the task quietly on it."""
+    await ws.send_denial_response(response)
+    raise ClientDisconnected
+
+
 async def ws_stream(ws: WebSocket) -> None:
     gw = _gw(ws)
     origin = ws.headers.get("origin")
     if not gw.origins.allows(origin, ws.headers.get("host"), ws.url.scheme):
         gw.metrics.errors.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
-        await ws.send_denial_response(
-            openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)
+        await _deny(
+            ws, openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)
         )
-        return
     principal = gw.keys.check(ws.headers, ws.query_params)
     if principal is None:
         gw.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
-        await ws.send_denial_response(
-            openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
-        )
-        return
+        await _deny(ws, openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED))
     refusal = gw.sessions.try_acquire(principal)
     await ws.accept()
     if refusal is not None:
@@ -264,10 +273,11 @@ async def ws_not_found(ws: WebSocket) -> None:
     """A WebSocket to any other path: 404 with OpenAI's error body, not a bare 403."""
     gw = _gw(ws)
     gw.metrics.errors.labels(ErrorCode.NOT_FOUND.value).inc()
-    await ws.send_denial_response(
+    await _deny(
+        ws,
         openai_error(
             404, f"no WebSocket endpoint at {ws.url.path}; use /v1/tts/stream", ErrorCode.NOT_FOUND
-        )
+        ),
     )
 
 

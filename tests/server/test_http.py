@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 
 import httpx
@@ -139,13 +141,37 @@ async def test_readyz_without_keys_configured_shows_the_details() -> None:
     assert r.json() == {"ready": True, "reason": "ok", "decoder": "fake", "upstreams": 1}
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 async def test_a_wrong_websocket_path_is_a_404_with_an_openai_error() -> None:
-    async with running_gateway(fake_services(FakeSynth())) as (served, gw):
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(served.ws_url + "/v1/tts/nope"):
-                pass
+    settings = make_settings(**{"auth.api_keys": ["k1"]})
+    noisy = Records()
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, gw):
+        uvicorn_error.addHandler(noisy)  # after uvicorn's own logging set-up
+        try:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(served.ws_url + "/v1/tts/nope?access_token=k1"):
+                    pass
+            with pytest.raises(InvalidStatus) as refused:  # and a refused key, the same way
+                async with connect(served.ws_url + "/v1/tts/stream?access_token=nope"):
+                    pass
+            await asyncio.sleep(0.05)  # uvicorn logs after the handler task ends
+        finally:
+            uvicorn_error.removeHandler(noisy)
         assert gw.sessions.active == 0
     resp = info.value.response
     assert resp.status_code == 404
     err = orjson.loads(resp.body)["error"]
     assert err["code"] == "not_found" and "/v1/tts/stream" in err["message"]
+    assert refused.value.response.status_code == 401
+    # A refused upgrade is not a server error: nothing at WARNING or above (uvicorn logged
+    # "ASGI callable returned without completing handshake." for each).
+    assert [r.getMessage() for r in noisy.records] == []
