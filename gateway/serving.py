@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import re
 import socket
@@ -178,12 +179,33 @@ class RedactSecrets(logging.Filter):
 
 _redact = RedactSecrets()
 
+_cut_off: contextvars.ContextVar[bool] = contextvars.ContextVar("voicegw_cut_off", default=False)
+_UNFINISHED = "ASGI callable returned without completing response."
 
-def install_log_redaction() -> None:
-    """uvicorn writes the request path with its query string into the access log (HTTP)
-    and into uvicorn.error (WebSocket handshakes); a browser's key travels there."""
+
+def cut_off_response() -> None:
+    """Say, from inside an ASGI handler, that it is about to return with its response
+    unfinished on purpose (a slow reader cut off): uvicorn then drops the connection,
+    which is the point, and its ERROR line about it is left out (the handler logs why).
+    The handler runs in uvicorn's own task, so the flag is seen by that task's log call."""
+    _cut_off.set(True)
+
+
+class QuietDeliberateCutOffs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_cut_off.get() and record.msg == _UNFINISHED)
+
+
+_quiet_cut_offs = QuietDeliberateCutOffs()
+
+
+def install_log_filters() -> None:
+    """Keys out of uvicorn's lines: it writes the request path with its query string into
+    the access log (HTTP) and into uvicorn.error (WebSocket handshakes), and a browser's
+    key travels there. And no ERROR line for a deliberate cut-off."""
     for name in ("uvicorn.access", "uvicorn.error"):
         logging.getLogger(name).addFilter(_redact)  # the same filter object: idempotent
+    logging.getLogger("uvicorn.error").addFilter(_quiet_cut_offs)
 
 
 @contextlib.asynccontextmanager

@@ -38,7 +38,7 @@ from gateway.server.session import (
     run_session,
 )
 from gateway.server.speech import openai_error, speech
-from gateway.serving import install_log_redaction
+from gateway.serving import install_log_filters
 
 log = logging.getLogger("voicegw.app")
 
@@ -292,7 +292,7 @@ def create_app(
     settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
 ) -> Starlette:
     gw = Gateway(settings, factory)
-    install_log_redaction()
+    install_log_filters()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -26,6 +26,7 @@ from gateway.core.codec import resolve_voice
 from gateway.errors import ErrorCode, GatewayError, ProtocolError
 from gateway.server.security import Principal
 from gateway.server.session import Outbox, SlowClientError
+from gateway.serving import cut_off_response
 from gateway.vocab import SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -291,6 +292,7 @@ async def _run(
                 if t.result() is False:
                     log.warning("speech %s: slow client cut off", session_id)
                     gw.metrics.errors.labels(ErrorCode.SLOW_CLIENT.value).inc()
+                    cut_off_response()
         finally:
             gw.engines.discard(engine)
     finally:
