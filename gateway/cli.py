@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -95,10 +97,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     import orjson
 
     if args.keys:
-        from gateway.config import describe_keys
+        from gateway.config import describe_keys, key_spellings
 
+        # The YAML spelling first (what the README's table shows); --set and the env var
+        # use a shorter path, so both are named too.
+        print("# YAML key = default    # meaning  [--set KEY=VALUE | environment variable]")
         for name, default, doc in describe_keys():
-            print(f"{name} = {default}" + (f"    # {doc}" if doc else ""))
+            flag, env = key_spellings(name)
+            meaning = f"{doc}  " if doc else ""
+            print(f"{name} = {default}    # {meaning}[--set {flag}=… | {env}]")
         return 0
     settings = _load(args)
 
@@ -169,16 +176,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gateway.fake_vllm import main as fake_main
 
         return fake_main(argv[1:])
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (`voicegw config --keys | head`, or `--help`): stop quietly,
+        # as a tool killed by SIGPIPE would. Point stdout at /dev/null so the exit's flush
+        # is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from gateway.errors import ConfigError
+    from gateway.errors import ConfigError, GatewayError, ModelLoadError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"voicegw: configuration error: {exc}", file=sys.stderr)
         return 2
+    except GatewayError as exc:
+        # A start that cannot work (port taken, no SNAC weights, ...): one line with the
+        # cause and what to do; the traceback only when asked for.
+        log.debug("voicegw %s failed", args.command, exc_info=True)
+        hint = ""
+        if isinstance(exc, ModelLoadError):
+            hint = (
+                ". To go on: --set vllm.snac_model=DIR (config.json + pytorch_model.bin), "
+                "or try it with random weights: voicegw serve --demo"
+            )
+        print(f"voicegw {args.command}: {exc.message}{hint}", file=sys.stderr)
+        return 1

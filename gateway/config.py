@@ -6,12 +6,15 @@ The TTS upstream section keeps exactly the shape of the seed deployment's ``soun
 
 Every leaf is declared once, as a dataclass field with optional ``metadata`` bounds; the
 generic builder below converts, range-checks and reports errors naming the key, the value
-and what is allowed. Unknown keys are reported as warnings rather than ignored silently.
+and what is allowed. An unknown key in a file is a warning (a shared file may hold keys for
+other tools); on the command line or in a ``VOICEGW_*`` env var it is an error with a
+"did you mean" suggestion, because there it can only be a typo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -121,6 +124,13 @@ class ServerSettings:
     host: str = _f("127.0.0.1", doc="listen address")
     port: int = _f(8080, lo=0, hi=65535, doc="listen port")
     log_level: str = _f("info", choices=("debug", "info", "warning", "error"), doc="log level")
+    request_timeout_ms: int = _f(
+        10_000, lo=100, hi=600_000, doc="request line+headers, and a body, must arrive within"
+    )
+    keep_alive_timeout_ms: int = _f(5_000, lo=100, hi=600_000, doc="idle kept-alive connection")
+    shutdown_timeout_ms: int = _f(
+        5_000, lo=0, hi=600_000, doc="at shutdown, then running sessions are cancelled"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +175,10 @@ class LimitsSettings:
     max_sessions_per_key: int = _f(32, lo=1, hi=100_000, doc="per API key")
     max_frame_bytes: int = _f(65_536, lo=256, hi=16 * 1024 * 1024, doc="client frame size")
     max_turn_chars: int = _f(20_000, lo=1, hi=10_000_000, doc="text per turn")
+    # 1 MiB holds max_turn_chars of the worst JSON escaping (6 bytes a char) many times over.
+    max_body_bytes: int = _f(
+        1 << 20, lo=1024, hi=1 << 30, doc="HTTP request body (413 beyond, before it is read)"
+    )
     max_inflight_segments: int = _f(3, lo=1, hi=64, doc="parallel requests per session")
     segments_per_minute: int = _f(240, lo=1, hi=100_000, doc="per session")
     reorder_buffer_bytes: int = _f(
@@ -174,6 +188,9 @@ class LimitsSettings:
         4 * 1024 * 1024, lo=65_536, hi=1 << 31, doc="unsent frames before 4008 slow_client"
     )
     slow_client_timeout_ms: int = _f(10_000, lo=100, hi=600_000, doc="longest blocked send")
+    idle_timeout_ms: int = _f(
+        300_000, lo=0, hi=86_400_000, doc="close an idle WebSocket (1000 idle_timeout); 0 = never"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +370,61 @@ def _canonical_path(dotted: str) -> list[str]:
     return parts
 
 
+def _leaf_paths(cls: type | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Canonical paths of every settings leaf, e.g. ``("gateway", "server", "port")``."""
+    cls = Settings if cls is None else cls
+    hints = _hints(cls)
+    out: list[tuple[str, ...]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in ("source", "warnings"):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(_leaf_paths(hints[f.name], (*prefix, f.name)))
+        else:
+            out.append((*prefix, f.name))
+    return out
+
+
+def _check_known(parts: list[str], spelt: str, origin: str, short: Any) -> None:
+    """Refuse an unknown key from the command line or the environment, naming the nearest
+    known one in the same spelling (``short`` turns a canonical path into it)."""
+    cls: Any = Settings
+    for part in parts:
+        if cls is Mapping or typing.get_origin(cls) in (Mapping, dict):
+            return  # a free-form mapping (extra_body): its keys are the user's own
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else ()
+        if part not in fields or part in ("source", "warnings"):
+            break
+        cls = _hints(cls)[part]
+    else:
+        return
+    known = [short(p) for p in _leaf_paths()]
+    guess = difflib.get_close_matches(short(tuple(parts)), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {guess[0]}?" if guess else "; `voicegw config --keys` lists them all"
+    raise ConfigError(f"unknown {origin} {spelt!r}{hint}")
+
+
+def _short_key(path: tuple[str, ...]) -> str:
+    """The ``--set`` spelling: ``vllm.port``, ``server.port``."""
+    return ".".join(path[1:] if path[0] == "gateway" else path)
+
+
+def _env_var(path: tuple[str, ...]) -> str:
+    """The env spelling: ``VOICEGW_VLLM__PORT``, ``VOICEGW_SERVER__PORT``."""
+    return ENV_PREFIX + "__".join(path[1:] if path[0] == "gateway" else path).upper()
+
+
+def yaml_key(path: tuple[str, ...]) -> str:
+    """The spelling in a YAML file: ``sounds.vllm.port``, ``gateway.server.port``."""
+    return ".".join(("sounds", *path) if path[0] == "vllm" else path)
+
+
+def key_spellings(yaml_name: str) -> tuple[str, str]:
+    """``(--set key, env var)`` for a key as ``describe_keys`` names it."""
+    path = tuple(_canonical_path(yaml_name))
+    return _short_key(path), _env_var(path)
+
+
 def _parse_scalar(raw: str) -> Any:
     # Env and CLI values are strings; YAML gives "8080" -> 8080, "[a, b]" -> list, etc.
     try:
@@ -427,11 +499,15 @@ def load_settings(
         if "__" not in dotted:
             # Not a settings key (e.g. a key *holder* named by api_keys_env); leave it alone.
             continue
-        _set_path(tree, _canonical_path(dotted), _parse_scalar(raw))
+        parts = _canonical_path(dotted)
+        _check_known(parts, key, "environment variable", _env_var)
+        _set_path(tree, parts, _parse_scalar(raw))
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
-        _set_path(tree, _canonical_path(dotted), value)
+        parts = _canonical_path(dotted)
+        _check_known(parts, dotted, "config key", _short_key)
+        _set_path(tree, parts, value)
     settings = _build(Settings, tree, "", warnings)
     _cross_check(settings)
     return dataclasses.replace(settings, source=source, warnings=tuple(warnings))
@@ -453,7 +529,8 @@ def _cross_check(s: Settings) -> None:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """Every key with its default and doc, for ``voicegw config --keys`` and the README."""
+    """Every key as it is spelt in a YAML file (``sounds.vllm.port``), with its default and
+    doc, for ``voicegw config --keys`` and the README."""
     rows: list[tuple[str, str, str]] = []
 
     def walk(cls: type, prefix: str) -> None:
@@ -467,7 +544,9 @@ def describe_keys() -> list[tuple[str, str, str]]:
                 walk(tp, name + ".")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((name, repr(default), f.metadata.get("doc", "")))
+            rows.append(
+                (yaml_key(tuple(name.split("."))), repr(default), f.metadata.get("doc", ""))
+            )
 
     walk(Settings, "")
     return rows

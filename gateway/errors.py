@@ -28,6 +28,10 @@ class ErrorCode(StrEnum):
     FORBIDDEN_ORIGIN = "forbidden_origin"
     TOO_MANY_SESSIONS = "too_many_sessions"
     SLOW_CLIENT = "slow_client"
+    # HTTP only.
+    BODY_TOO_LARGE = "body_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
+    NOT_FOUND = "not_found"
     # Upstream (vLLM) errors.
     OVERLOADED = "overloaded"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -42,6 +46,7 @@ class ErrorCode(StrEnum):
     BUFFER_OVERFLOW = "buffer_overflow"
     CONFIG_ERROR = "config_error"
     MODEL_LOAD_FAILED = "model_load_failed"
+    SERVE_FAILED = "serve_failed"
     LLM_ERROR = "llm_error"
     INTERNAL = "internal_error"
 
@@ -73,6 +78,13 @@ class ConfigError(GatewayError):
     """A setting is invalid. Raised at start-up, names the key, the value and what is allowed."""
 
     default_code = ErrorCode.CONFIG_ERROR
+
+
+class ServeError(GatewayError):
+    """``voicegw serve`` cannot start or keep running (port taken, demo upstream gone); the
+    message is one line that says why and what to do."""
+
+    default_code = ErrorCode.SERVE_FAILED
 
 
 class ProtocolError(GatewayError):

@@ -47,8 +47,13 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import random
 import re
+import signal
+import socket
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -1129,6 +1134,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--fault-after-tokens", type=int, default=fd.after_tokens)
     g.add_argument("--fault-seed", type=int, default=fd.seed)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--fd",
+        type=int,
+        default=None,
+        help="serve on this inherited listening socket instead of --host/--port",
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=None,
+        help="exit when this process (the one that started us) is gone",
+    )
     return p
 
 
@@ -1177,23 +1194,49 @@ def options_from_args(ns: argparse.Namespace) -> FakeVLLMOptions:
     )
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Never outlive the gateway that started us (``voicegw serve --demo``), even when it
+    is killed with SIGKILL and cannot stop us itself."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        # The parent may have died before prctl; then we were already reparented.
+        if os.getppid() != parent_pid:
+            raise SystemExit(f"fake vLLM: parent {parent_pid} is gone; not starting")
+        return
+
+    def watch() -> None:  # elsewhere: poll, reparenting shows the parent is gone
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``voicegw fake-vllm``: parse flags and serve until interrupted."""
     import uvicorn
 
     ns = build_arg_parser().parse_args(argv)
     options = options_from_args(ns)
+    if ns.parent_pid is not None:
+        _exit_with_parent(ns.parent_pid)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    sock = socket.socket(fileno=ns.fd) if ns.fd is not None else None
+    host, port = sock.getsockname()[:2] if sock is not None else (ns.host, ns.port)
     log.info(
         "fake vLLM serving %s on http://%s:%d (max_model_len=%d, max_num_seqs=%d, %.0f tok/s)",
         options.model,
-        ns.host,
-        ns.port,
+        host,
+        port,
         options.max_model_len,
         options.max_num_seqs,
         options.tokens_per_second,
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_fake_vllm_app(options),
         host=ns.host,
         port=ns.port,
@@ -1201,4 +1244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=2,
     )
-    return 0
+    server = uvicorn.Server(config)
+    # A socket handed over by the parent is already bound: no race for a free port.
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the normal way to stop it
+        server.run(sockets=[sock] if sock is not None else None)
+    return 0 if server.started else 3

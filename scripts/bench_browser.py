@@ -25,6 +25,11 @@ raw per-session data to ``--json``.
 The SNAC weights are the real 24 kHz architecture with seeded random values, written once
 into ``--weights`` (a cache directory) and never downloaded.
 
+A session takes about its audio (~10 s) plus time to first audio and any underruns: the
+defaults (20 sessions x 3 speeds x 2 loads, plus one warm-up per speed) come to an
+estimated 25 minutes on a quiet 2-core machine; at load average 8 from other work, a
+4-session run took 9.5 minutes, which extrapolates to about 41 for the defaults.
+
 Usage::
 
     .venv/bin/python scripts/bench_browser.py --json bench-output/browser.json
@@ -521,6 +526,7 @@ def _block(
     """``opts.sessions`` sessions in a row at one speed and load."""
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()
+    _progress(f"{speed:g}x {load}: load average {load_before[0]:.1f} before the block")
     t0 = time.monotonic()
     with busy_core(opts.busy_cpu, logs) if load == "busy" else contextlib.nullcontext():
         for i in range(opts.sessions):

@@ -12,7 +12,11 @@ Processes (started with ``scripts/bench.py``'s helpers, so each is measured on i
 * this process: ``--concurrency`` workers, each running one session after another, each
   session picked at random from: speak a turn to the end; interrupt mid-turn and speak
   another turn; drop the connection mid-turn; send bad messages, then speak; a streamed
-  ``/v1/audio/speech`` request read part-way and abandoned.
+  ``/v1/audio/speech`` request read part-way and abandoned; a speech stream aborted with
+  a TCP reset after 20-50 KB of audio, or before its first audio; a WebSocket protocol
+  violation on the wire (RSV bits, invalid UTF-8, an unmasked or reserved-opcode frame, a
+  fragmented ping, a frame far over the size limit), which must end that connection with
+  its documented close code (1002, 1007, 1009).
 
 After a warm-up (caches, keep-alive connections, lazy imports), it records the gateway's
 RSS, open file descriptors, threads and event-loop tasks; at the end, once every session
@@ -21,7 +25,8 @@ close codes and error codes, RSS growth per 1,000 sessions, and a verdict: tasks
 threads back to their baseline, descriptors within the keep-alive pool's slack, RSS
 growth (the least-squares slope of RSS against sessions served, sampled every
 ``--sample-s`` after the warm-up) under ``--max-rss-growth-mb-per-1000``. The exit
-status is 1 when any check fails.
+status is 1 when any check fails. Also checked: every protocol violation was closed with
+its documented code, and the gateway logged at most one line above INFO per violation.
 
 Usage::
 
@@ -36,6 +41,9 @@ import collections
 import contextlib
 import json
 import random
+import re
+import socket
+import struct
 import sys
 import tempfile
 import time
@@ -44,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 import orjson
@@ -52,8 +61,23 @@ from bench import free_port, started
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-BEHAVIOURS = ("complete", "interrupt", "disconnect", "bad_input", "speech_abandon")
-WEIGHTS = (40, 20, 20, 10, 10)
+from tests.hostile.clients import OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, RawWebSocket, frame
+
+BEHAVIOURS = (
+    "complete", "interrupt", "disconnect", "bad_input", "speech_abandon",
+    "speech_abort_mid", "speech_abort_early", "protocol_violation",
+)  # fmt: skip
+WEIGHTS = (34, 16, 16, 8, 6, 6, 6, 8)
+# Hand-made frames a WebSocket library would never send, with the close code each must get.
+VIOLATIONS = {
+    "rsv2": (frame(OP_TEXT, b'{"type":"ping"}', rsv=0b010), 1002),
+    "invalid_utf8": (frame(OP_TEXT, b'{"type":"text.delta","text":"\xff\xfe"}'), 1007),
+    "unmasked": (frame(OP_TEXT, b'{"type":"ping"}', mask=False), 1002),
+    "reserved_opcode": (frame(0x3, b"x"), 1002),
+    "orphan_continuation": (frame(OP_CONT, b"x"), 1002),
+    "fragmented_ping": (frame(OP_PING, b"x", fin=False), 1002),
+    "oversized": (frame(OP_TEXT, b"x" * (300 * 1024)), 1009),
+}
 TEXTS = (
     "Hello there. How are you today?",
     "The train was late again, so we walked. <sigh> It was a long way home.",
@@ -79,6 +103,9 @@ class Tally:
     close_codes: collections.Counter[str] = field(default_factory=collections.Counter)
     error_codes: collections.Counter[str] = field(default_factory=collections.Counter)
     client_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    violations: collections.Counter[str] = field(default_factory=collections.Counter)
+    """``kind -> close code`` outcomes of the protocol violations, e.g. ``rsv2:1002``."""
+    speech_aborts: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
 async def recv_until(ws: Any, kinds: set[str], tally: Tally, within: float = 60) -> dict:
@@ -144,8 +171,69 @@ async def speech_abandon(http: httpx.AsyncClient, rng: random.Random, tally: Tal
                 break  # leaving the block closes the connection mid-stream
 
 
+def speech_request(port: int, text: str) -> bytes:
+    body = orjson.dumps({"model": "tts-1", "input": text, "voice": "tara"})
+    return (
+        f"POST /v1/audio/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def reset(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection with a TCP reset, as a killed client or a proxy does."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def speech_abort(port: int, early: bool, rng: random.Random, tally: Tally) -> None:
+    """A speech stream reset after 20-50 KB of audio, or before its first audio."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(speech_request(port, " ".join(rng.sample(TEXTS, 3))))
+        await writer.drain()
+        if early:
+            await asyncio.sleep(rng.uniform(0.0, 0.2))
+            tally.speech_aborts["before_first_audio"] += 1
+            return
+        async with asyncio.timeout(60):
+            head = await reader.readuntil(b"\r\n\r\n")
+            tally.close_codes[f"http_{int(head.split(b' ', 2)[1])}"] += 1
+            want, got = rng.randint(20_000, 50_000), 0
+            while got < want:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    tally.speech_aborts["ended_before_abort"] += 1
+                    return
+                got += len(chunk)
+        tally.speech_aborts["mid_audio"] += 1
+    finally:
+        reset(writer)
+
+
+async def protocol_violation(port: int, rng: random.Random, tally: Tally) -> None:
+    kind = rng.choice(sorted(VIOLATIONS))
+    data, _ = VIOLATIONS[kind]
+    ws = await RawWebSocket.open(port, "/v1/tts/stream")
+    try:
+        if ws.status != 101:
+            tally.violations[f"{kind}:http_{ws.status}"] += 1
+            return
+        await ws.recv()  # session.ready
+        await ws.send_raw(data)
+        code = None
+        async with asyncio.timeout(10):
+            while (f := await ws.recv()) is not None:
+                if f.opcode == OP_CLOSE:
+                    code = f.close_code
+                    break
+        tally.violations[f"{kind}:{code if code is not None else 'no_close_frame'}"] += 1
+    finally:
+        await ws.close()
+
+
 async def worker(
-    k: int, ws_url: str, http: httpx.AsyncClient, until: float, tally: Tally, seed: int
+    k: int, ws_url: str, http: httpx.AsyncClient, until: float, tally: Tally, seed: int, port: int
 ) -> None:
     rng = random.Random(f"{seed}|{k}")
     while time.monotonic() < until:
@@ -154,9 +242,15 @@ async def worker(
         try:
             if behaviour == "speech_abandon":
                 await speech_abandon(http, rng, tally)
+            elif behaviour in ("speech_abort_mid", "speech_abort_early"):
+                await speech_abort(port, behaviour.endswith("early"), rng, tally)
+            elif behaviour == "protocol_violation":
+                await protocol_violation(port, rng, tally)
             else:
                 await ws_session(ws_url, behaviour, rng, tally)
-        except (ConnectionClosed, OSError, httpx.HTTPError, TimeoutError) as exc:
+        except (
+            ConnectionClosed, OSError, httpx.HTTPError, TimeoutError, asyncio.IncompleteReadError
+        ) as exc:  # fmt: skip
             # The gateway closing on us is an outcome to report, not a crash of the soak.
             tally.client_failures[type(exc).__name__] += 1
             if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
@@ -207,6 +301,18 @@ def slope(points: list[tuple[int, float]]) -> float:
     if var == 0:
         return 0.0
     return sum((x - mx) * (y - my) for x, y in points) / var
+
+
+def _about_frames(line: str) -> bool:
+    """A log line about a client's frames rather than about the upstream."""
+    words = ("websocket", "frame", "utf-8", "protocol", "opcode", "rsv", "mask", "1002", "1007")
+    return any(w in line.lower() for w in words)
+
+
+def _shape(line: str) -> str:
+    """A log line without its timestamp, ids and numbers, to show which kinds occurred."""
+    line = re.sub(r"^\S+ \S+ ", "", line)
+    return re.sub(r"\b(s|http)_[0-9a-f]+\b|\d+", "#", line)[:160]
 
 
 def write_config(path: Path, port: int, vllm_port: int, snac: Path) -> None:
@@ -286,7 +392,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                 probe = asyncio.create_task(warm_then_measure())
                 sampler = asyncio.create_task(sample_rss())
                 workers = [
-                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns.seed))
+                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns.seed, gport))
                     for k in range(ns.concurrency)
                 ]
                 await asyncio.gather(*workers)
@@ -305,6 +411,14 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
     # not end minus start: the allocator's arenas grow in steps, and one step late in a
     # short run would read as a leak that a trend through every sample does not show.
     growth = slope(samples) * 1000
+    documented = {f"{kind}:{code}" for kind, (_, code) in VIOLATIONS.items()}
+    n_violations = sum(tally.violations.values())
+    # Lines above INFO: uvicorn's "WARNING:  ..." and the gateway's "<date> <time> WARNING ...".
+    loud = [
+        ln for ln in gw_log.splitlines()
+        if re.match(r"^(WARNING|ERROR|CRITICAL):|^\S+ \S+ (WARNING|ERROR|CRITICAL) ", ln)
+    ]  # fmt: skip
+    loud_violation_lines = [ln for ln in loud if _about_frames(ln)]
     checks = {
         "event_loop_tasks_back_to_start": end["event_loop_tasks"] <= start["event_loop_tasks"],
         "engine_tasks_zero": end["engine_tasks"] == 0,
@@ -314,6 +428,8 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "fds_bounded": end["fds"] <= warm["fds"] + ns.fd_slack,
         "rss_growth_ok": growth <= ns.max_rss_growth_mb_per_1000,
         "no_tracebacks": "Traceback" not in gw_log,
+        "violations_closed_as_documented": set(tally.violations) <= documented,
+        "at_most_one_log_line_per_violation": len(loud_violation_lines) <= n_violations,
     }
     return {
         "minutes": round(elapsed / 60, 2),
@@ -325,6 +441,13 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "close_codes": dict(tally.close_codes),
         "error_codes": dict(tally.error_codes),
         "client_failures": dict(tally.client_failures),
+        "speech_aborts": dict(tally.speech_aborts),
+        "protocol_violations": dict(sorted(tally.violations.items())),
+        "gateway_log": {
+            "lines_above_info": len(loud),
+            "about_protocol_violations": len(loud_violation_lines),
+            "examples": sorted({_shape(ln) for ln in loud})[:12],
+        },
         "gateway": {"start": start, "warm": warm, "end": end},
         "sessions_after_warmup": after,
         "rss_growth_mb_per_1000_sessions": round(growth, 3),

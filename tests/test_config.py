@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Endpoint, load_settings
+from gateway.config import Endpoint, describe_keys, key_spellings, load_settings
 from gateway.errors import ConfigError
 
 SEED_SOUND_YAML = """
@@ -183,3 +183,64 @@ def test_api_keys_from_config_and_env() -> None:
 def test_extra_body_passes_through(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, "sounds: {vllm: {extra_body: {seed: 7, top_k: 40}}}"), env={})
     assert dict(s.vllm.extra_body) == {"seed": 7, "top_k": 40}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "suggestion"),
+    [
+        ({"vllm.prot": 8001}, "did you mean vllm.port?"),
+        ({"sounds.vllm.timeout.conect": 5}, "did you mean vllm.timeout.connect?"),
+        ({"segmenter.max_char": 200}, "did you mean segmenter.max_chars?"),
+        ({"vllm.port.number": 1}, "did you mean vllm.port?"),
+        ({"colour": "blue"}, "`voicegw config --keys` lists them all"),
+    ],
+)
+def test_an_unknown_command_line_key_is_an_error_with_a_suggestion(
+    overrides: dict[str, object], suggestion: str
+) -> None:
+    # On the command line a wrong key can only be a typo: warning and going on would run
+    # with the default the user meant to change.
+    with pytest.raises(ConfigError, match="unknown config key") as info:
+        load_settings(env={}, overrides=overrides)
+    assert str(info.value).endswith(suggestion)
+
+
+def test_an_unknown_env_key_is_an_error_in_the_env_spelling() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"VOICEGW_VLLM__PROT": "8001"})
+    assert str(info.value) == (
+        "unknown environment variable 'VOICEGW_VLLM__PROT'; did you mean VOICEGW_VLLM__PORT?"
+    )
+    with pytest.raises(ConfigError, match="did you mean VOICEGW_SERVER__PORT"):
+        load_settings(env={"VOICEGW_SERVER__PROT": "9000"})
+
+
+def test_free_form_and_section_overrides_are_still_accepted() -> None:
+    s = load_settings(
+        env={"VOICEGW_VLLM__EXTRA_BODY__SEED": "7"},
+        overrides={"vllm.extra_body.top_k": 40, "vllm.timeout": {"connect": 5}, "demo": True},
+    )
+    assert dict(s.vllm.extra_body) == {"seed": 7, "top_k": 40}
+    assert (s.vllm.timeout.connect, s.gateway.demo, s.warnings) == (5, True, ())
+
+
+def test_keys_are_described_in_the_yaml_spelling_with_the_short_forms() -> None:
+    names = [name for name, _, _ in describe_keys()]
+    assert "sounds.vllm.port" in names and "gateway.server.port" in names
+    assert not [n for n in names if not n.startswith(("sounds.vllm.", "gateway."))]
+    assert key_spellings("sounds.vllm.timeout.connect") == (
+        "vllm.timeout.connect",
+        "VOICEGW_VLLM__TIMEOUT__CONNECT",
+    )
+    assert key_spellings("gateway.server.port") == ("server.port", "VOICEGW_SERVER__PORT")
+    # Every spelling shown is one that loads (given the key's own default).
+    defaults = load_settings(env={})
+    for name, _, _ in describe_keys():
+        flag, env = key_spellings(name)
+        node: object = defaults
+        path = ["vllm", *name.split(".")[2:]] if name.startswith("sounds.") else name.split(".")
+        for part in path:
+            node = getattr(node, part)
+        assert load_settings(env={}, overrides={flag: node}) == defaults, flag
+        if isinstance(node, (int, float, str)):
+            assert load_settings(env={env: str(node)}) == defaults, env

@@ -57,15 +57,55 @@ def resolve_voice(name: str | None, default: str = DEFAULT_VOICE) -> str:
     )
 
 
+# Every added token of the Orpheus tokenizer is spelt ``<|name|>`` (Llama-3's specials such
+# as ``<|eot_id|>``) or ``<custom_token_N>`` (Orpheus' control and audio tokens), and the
+# tokenizer matches them anywhere in the prompt, client text included. This is the shape of
+# both, loosened (any case, spaces, anything but angle brackets between the bars) so that
+# near misses go too: they are never speech.
+_CONTROL_SPAN = re.compile(r"<\s*(?:\|[^<>]*\|\s*|custom_token[^<>]*)>", re.IGNORECASE)
+_CONTROL_HINT = re.compile(r"<\s*(?:\||custom_token)", re.IGNORECASE)
+# Longer than any real special token (``<|reserved_special_token_250|>`` is 30): a longer
+# span cannot be one, and the bound keeps the work per character constant.
+_MAX_CONTROL_SPAN = 64
+
+
+def neutralize_control_tokens(text: str) -> str:
+    """``text`` with every span shaped like a tokenizer control token replaced by a space.
+
+    Client text and chat replies are data: a ``<|eot_id|><custom_token_4>`` in them would
+    end the human turn early and make the model speak only part of the text. Removal works
+    innermost first in one pass, so the result contains no such span at all (``<cus<|x|>>``
+    and ``<custom_to<|x|>ken_4>`` leave no control token behind), and applying it twice
+    changes nothing. Emotion tags (``<laugh>`` ...) and other ``<...>``
+    text are left as they are.
+    """
+    if _CONTROL_HINT.search(text) is None:
+        return text
+    out: list[str] = []
+    opens: list[int] = []  # positions in ``out`` of the '<' not yet closed, innermost last
+    for ch in text:
+        if ch == ">" and opens:
+            o = opens.pop()
+            if len(out) - o < _MAX_CONTROL_SPAN and _CONTROL_SPAN.fullmatch("".join(out[o:]) + ">"):
+                del out[o:]
+                ch = " "  # words on either side stay apart
+        elif ch == "<":
+            opens.append(len(out))
+        out.append(ch)
+    return "".join(out)
+
+
 def build_prompt(voice: str, text: str) -> str:
     """The canonical Orpheus prompt for the completions API.
 
     ``<custom_token_3>`` opens the human turn, ``<|eot_id|><custom_token_4>`` closes it, and
     ``<custom_token_5><custom_token_1>`` opens the model's audio turn. Emotion tags such as
-    ``<laugh>`` stay inside ``text`` untouched: the model understands them.
+    ``<laugh>`` stay inside ``text`` untouched: the model understands them. Control tokens
+    in ``text`` are neutralised (the segmenter has already done so for the text it announces;
+    this keeps every other caller from changing the prompt's structure).
     """
     return (
-        f"<custom_token_3><|begin_of_text|>{voice}: {text}<|eot_id|>"
+        f"<custom_token_3><|begin_of_text|>{voice}: {neutralize_control_tokens(text)}<|eot_id|>"
         "<custom_token_4><custom_token_5><custom_token_1>"
     )
 

@@ -119,7 +119,12 @@ class ProtocolOptions:
     max_pending_segments: int = 256
     """Segments started ahead of the one playing (the reorder buffer's window). Text cut
     beyond it waits as text, and starts as playback moves on."""
+    idle_timeout_s: float = 300.0
+    """A session with no client message and no work for this long is idle; 0 = never."""
     chat_enabled: bool = False
+    demo: bool = False
+    simulated: tuple[str, ...] = ()
+    """What is not real (``voicegw serve --demo``): "upstream", "chat", "snac_weights"."""
     system_prompt: str = ""
     max_history_messages: int = 40
 
@@ -192,6 +197,7 @@ class SessionProtocol:
         # Token bucket for segments_per_minute: refills continuously.
         self._tokens = float(self.options.segments_per_minute)
         self._tokens_at = clock()
+        self._active_at = clock()  # the last client message or the end of the last turn
         self.samples_sent = 0
         """Samples released toward the client in this session (all epochs)."""
         self.errors: dict[str, int] = {}
@@ -222,6 +228,15 @@ class SessionProtocol:
     def busy(self) -> bool:
         """Work is outstanding: some turn has not finished."""
         return bool(self._turns)
+
+    @property
+    def idle_expired(self) -> bool:
+        """No client message and no work in progress for ``idle_timeout_s``: the runner
+        closes the session (1000 ``idle_timeout``) so that it stops holding a slot."""
+        timeout = self.options.idle_timeout_s
+        if timeout <= 0 or self.busy:
+            return False
+        return self._clock() - self._active_at >= timeout
 
     @property
     def history(self) -> tuple[tuple[str, str], ...]:
@@ -257,6 +272,8 @@ class SessionProtocol:
                 "voice": self._params.voice,
                 "voices": list(VOICES),
                 "chat": self.options.chat_enabled,
+                "demo": self.options.demo,
+                "simulated": list(self.options.simulated),
             }
         )
 
@@ -285,11 +302,13 @@ class SessionProtocol:
     def receive_bytes(self, data: bytes) -> None:
         if self._closed:
             return
+        self._active_at = self._clock()
         self._error(ErrorCode.BINARY_NOT_ALLOWED, "the client may send JSON text frames only")
 
     def receive_text(self, data: str) -> None:
         if self._closed:
             return
+        self._active_at = self._clock()
         if len(data) > self.options.max_frame_bytes or (
             len(data.encode("utf-8", "surrogatepass")) > self.options.max_frame_bytes
         ):
@@ -641,6 +660,7 @@ class SessionProtocol:
             if not turn.ended or turn.done_segments < turn.count:
                 return
             self._turns.popleft()
+            self._active_at = self._clock()  # idle time counts from the end of the work
             if turn.chat:
                 self._remember("assistant", "".join(turn.reply))
             self._send(

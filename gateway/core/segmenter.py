@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.core.codec import neutralize_control_tokens
 from gateway.vocab import TextSegment
 
 # ----------------------------------------------------------------------------------------
@@ -165,10 +166,13 @@ _RE_EMOJI = re.compile(
 
 
 def speakable(raw: str) -> str:
-    """What Orpheus should say for ``raw``: markdown and emoji removed, whitespace collapsed.
+    """What Orpheus should say for ``raw``: markdown, emoji and control tokens removed,
+    whitespace collapsed.
 
     Emotion tags (``<laugh>``, ``<sigh>`` …) and any other ``<...>`` text are left
-    untouched: Orpheus understands the tags and they are not markup.
+    untouched: Orpheus understands the tags and they are not markup. Spans shaped like the
+    tokenizer's control tokens (``<|eot_id|>``, ``<custom_token_4>``) are removed: text must
+    never change the prompt's structure.
     """
     s = _RE_IMAGE.sub(r"\1", raw)
     s = _RE_LINK.sub(r"\1", s)
@@ -188,11 +192,12 @@ def speakable(raw: str) -> str:
     s = _RE_STRAY.sub("", s)
     # Drop emoji with the space before them, so "funny 😀!" reads "funny!".
     s = _RE_EMOJI.sub("", s)
-    return _RE_WS.sub(" ", s).strip()
+    # Last: removing markup above could join the pieces of a control token.
+    return _RE_WS.sub(" ", neutralize_control_tokens(s)).strip()
 
 
 def _plain(raw: str) -> str:
-    return _RE_WS.sub(" ", raw).strip()
+    return _RE_WS.sub(" ", neutralize_control_tokens(raw)).strip()
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,6 +322,20 @@ def _fence_complete(s: str, marker: str | None) -> bool:
 _NEED_MORE = -1
 _NO = 0
 _CUT = 1
+_LONG = 2  # the construct runs past max_chars: the segment must be cut by length first
+
+_TERMS = _SENT_TERM | _CJK_TERM
+_CLAUSE_STARTS = _CLAUSE | _CJK_CLAUSE | _DASHES | frozenset("-")
+_SPACE = frozenset(" \n")
+# Exactly the characters for which str.isspace() is true.
+_WS = frozenset(
+    "\t\n\v\f\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+)
+# How far past max_chars a sentence end may look for the character that decides it
+# (whitespace is collapsed, so this is the space plus a few opening quotes/brackets).
+_LOOKAHEAD = 8
+_FEED_PIECE = 512
 
 
 @dataclass(slots=True)
@@ -325,8 +344,27 @@ class _Cut:
     reason: str
 
 
+@dataclass(slots=True)
+class _Resume:
+    """Where the last scan stopped to wait for text. Every verdict before ``pos`` was final
+    (each needs only a bounded look-ahead, and that was there), so the next scan of the same
+    buffer, grown at its end, continues from ``pos`` instead of from the segment start."""
+
+    pos: int
+    start: int
+    line: int  # where the line holding ``pos`` begins
+    last_sentence: int
+    last_clause: int
+
+
 class Segmenter:
-    """Sans-I/O streaming segmenter. ``feed``/``tick``/``flush`` return newly cut segments."""
+    """Sans-I/O streaming segmenter. ``feed``/``tick``/``flush`` return newly cut segments.
+
+    Cost: every character is examined a bounded number of times whatever the input, so a
+    client that sends text one character at a time cannot make one ``feed`` slow. ``work``
+    counts the characters examined (scanning, look-ahead, measuring and normalising) for
+    tests and ``scripts/bench_segmenter.py``.
+    """
 
     def __init__(
         self, options: SegmenterOptions | None = None, *, clock: Callable[[], float] | None = None
@@ -335,21 +373,39 @@ class Segmenter:
         self._clock = clock
         self._pre = _Prefilter()
         self._buf = ""
+        self._off = 0  # where the text not yet released starts in _buf
         self._first = True
         self._last_input: float | None = None
+        self.work = 0
+        self._resume: _Resume | None = None
+        # Run walks already done in this buffer, by (start, character class): a run still
+        # growing at the end of the buffer is continued, never walked again from its start.
+        self._walks: dict[tuple[int, frozenset[str]], int] = {}
+        self._runs: dict[int, tuple[bool, bool]] = {}
 
     # -- public API ------------------------------------------------------------------
 
     @property
     def pending(self) -> str:
         """Text received but not yet released (after prefiltering)."""
-        return self._buf
+        return self._buf[self._off :]
 
     def feed(self, delta: str) -> list[TextSegment]:
         if self._clock is not None:
             self._last_input = self._clock()
-        self._buf += self._pre.feed(delta)
-        return self._drain(final=False)
+        self.work += len(delta)
+        text = self._pre.feed(delta)
+        out: list[TextSegment] = []
+        # A long delta goes in piece by piece (the result is the same, whatever the delta
+        # sizes), so the buffer stays about one segment long instead of holding the delta.
+        for k in range(0, len(text), _FEED_PIECE):
+            self._buf += text[k : k + _FEED_PIECE]
+            out.extend(self._drain(final=False))
+        if not text:
+            # Drain anyway, as every feed always has: with nothing new the scan resumes where
+            # it stopped, so this costs a few steps.
+            out.extend(self._drain(final=False))
+        return out
 
     def tick(self) -> list[TextSegment]:
         """Idle flush: call periodically. Stalled text is released at a clause boundary."""
@@ -358,7 +414,7 @@ class Segmenter:
             opts.idle_flush_ms <= 0
             or self._clock is None
             or self._last_input is None
-            or not self._buf.strip()
+            or not self.pending.strip()
             or (self._clock() - self._last_input) * 1000.0 < opts.idle_flush_ms
         ):
             return []
@@ -374,9 +430,9 @@ class Segmenter:
         fast-first rule applies again to the next text); ``text.flush`` keeps the turn."""
         self._buf += self._pre.flush()
         out = self._drain(final=True)
-        if self._buf.strip():
+        if self.pending.strip():
             out.extend(self._emit(_Cut(len(self._buf), "end")))
-        self._buf = ""
+        self._set_buf("")
         self._last_input = None
         if end_turn:
             self._first = True
@@ -385,11 +441,19 @@ class Segmenter:
     def reset(self) -> None:
         """Drop everything (interrupt)."""
         self._pre = _Prefilter()
-        self._buf = ""
+        self._set_buf("")
         self._first = True
         self._last_input = None
 
     # -- internals -------------------------------------------------------------------
+
+    def _set_buf(self, buf: str, off: int = 0) -> None:
+        # The scan state belongs to the segment just cut: start over.
+        self._buf = buf
+        self._off = off
+        self._resume = None
+        self._walks.clear()
+        self._runs.clear()
 
     def _drain(self, final: bool) -> list[TextSegment]:
         out: list[TextSegment] = []
@@ -400,80 +464,149 @@ class Segmenter:
             out.extend(self._emit(cut))
 
     def _emit(self, cut: _Cut) -> list[TextSegment]:
-        raw = self._buf[: cut.end]
-        self._buf = self._buf[cut.end :].lstrip(" \n")
+        buf = self._buf
+        raw = buf[self._off : cut.end]
+        self.work += len(raw)
+        off = cut.end
+        while off < len(buf) and buf[off] in " \n":  # whitespace between segments
+            off += 1
+        if 2 * off >= len(buf):
+            # Drop released text once it is most of the buffer: each character is copied
+            # at most once more, so cutting many segments from one delta stays linear.
+            self.work += len(buf) - off
+            self._set_buf(buf[off:])
+        else:
+            self._set_buf(buf, off)
         text = speakable(raw) if self.options.normalize else _plain(raw)
         if not text:
             return []
         self._first = False
         return [TextSegment(text=text, reason=cut.reason)]
 
-    def _length(self, raw: str) -> int:
-        return len(speakable(raw)) if self.options.normalize else len(_plain(raw))
+    def _at_least(self, start: int, end: int, floor: int) -> bool:
+        """Whether the segment ``buf[start:end]`` is at least ``floor`` characters spoken.
+        Normalising never lengthens text, so a raw span shorter than ``floor`` is not
+        measured at all."""
+        if floor <= 0:
+            return True
+        if end - start < floor:
+            return False
+        self.work += end - start
+        raw = self._buf[self._off : end]
+        return (len(speakable(raw)) if self.options.normalize else len(_plain(raw))) >= floor
+
+    def _walk(self, p: int, cls: frozenset[str], stop: int) -> int:
+        """First index in ``[p, stop)`` whose character is not in ``cls``, else ``stop``."""
+        buf = self._buf
+        key = (p, cls)
+        # An idle scan starts over and may ask again with an earlier stop.
+        q = q0 = min(self._walks.get(key, p), stop)
+        while q < stop and buf[q] in cls:
+            q += 1
+        self.work += q - q0 + 1
+        self._walks[key] = q
+        return q
 
     def _scan(self, *, final: bool, idle: bool) -> _Cut | None:
-        """Find the first certain cut in the buffer, or None to wait for more text."""
+        """Find the first certain cut in the buffer, or None to wait for more text.
+
+        Every walk stops ``max_chars`` (plus a short look-ahead) after the segment start: a
+        construct that runs past it, such as ten thousand dots, cannot end a segment within
+        the ceiling, so the segment is cut by length instead of waiting for its end.
+        """
         buf = self._buf
         n = len(buf)
         opts = self.options
-        last_sentence = -1  # sentence ends skipped because the segment was still short
-        last_clause = -1
-        i = 0
-        # Skip leading whitespace left over from the previous cut.
-        while i < n and buf[i] in " \n":
-            i += 1
-        start = i
+        r = None if idle else self._resume
+        if r is not None:
+            i, start, line = r.pos, r.start, r.line
+            last_sentence, last_clause = r.last_sentence, r.last_clause
+        else:
+            i = self._off
+            # Skip leading whitespace (a turn may start with it).
+            while i < n and buf[i] in " \n":
+                i += 1
+            self.work += i - self._off + 1
+            start = line = i
+            last_sentence = -1  # sentence ends skipped because the segment was still short
+            last_clause = -1
+        limit = start + opts.max_chars
+        # A cut ends at most at ``limit``; its construct may be read one character past it.
+        stop = min(n, limit + 1)
+        look = min(n, limit + 1 + _LOOKAHEAD)
+
+        def wait() -> None:
+            if not idle and not final and start < n:
+                self._resume = _Resume(i, start, line, last_sentence, last_clause)
+
+        def long_cut() -> _Cut:
+            return self._long_cut(buf, start, last_sentence, last_clause)
+
         while i < n:
-            if i - start >= opts.max_chars:
-                return self._long_cut(buf, start, last_sentence, last_clause)
+            if i >= limit:
+                return long_cut()
             ch = buf[i]
+            self.work += 1
             if ch == "\n":
-                verdict = self._newline(buf, i, start, final)
+                verdict = self._newline(buf, i, line, final)
                 if verdict == _NEED_MORE:
+                    wait()
                     return None
-                if verdict == _CUT and self._length(buf[:i]) > 0:
+                if verdict == _CUT:
+                    # An empty segment (only markup or emoji) is dropped by _emit.
                     return _Cut(i, "paragraph")
                 i += 1
+                line = i
                 continue
-            if ch in _SENT_TERM or ch in _CJK_TERM:
-                end, verdict = self._terminator(buf, i, start, final)
+            if ch in _TERMS:
+                end, verdict = self._terminator(buf, i, start, line, stop, look, final)
+                if verdict == _LONG or end - start > opts.max_chars:
+                    return long_cut()
                 if verdict == _NEED_MORE:
                     if idle and end >= 0:
                         return _Cut(end, "idle")
+                    wait()
                     return None
                 if verdict == _CUT:
-                    if self._first or idle or self._length(buf[:end]) >= opts.min_chars:
+                    if self._first or idle or self._at_least(start, end, opts.min_chars):
                         return _Cut(end, "sentence")
                     last_sentence = end
                 i = max(end, i + 1)
                 continue
-            if ch in _CLAUSE or ch in _CJK_CLAUSE or ch in _DASHES or ch == "-":
-                end, verdict = self._clause(buf, i, final)
+            if ch in _CLAUSE_STARTS:
+                end, verdict = self._clause(buf, i, stop, final, i == self._off)
+                if verdict == _LONG or end - start > opts.max_chars:
+                    return long_cut()
                 if verdict == _NEED_MORE:
                     if idle:
                         break
+                    wait()
                     return None
                 if verdict == _CUT:
                     last_clause = end
                     if (
                         self._first
                         and opts.fast_first
-                        and self._length(buf[:end]) >= opts.first_clause_min_chars
+                        and self._at_least(start, end, opts.first_clause_min_chars)
                     ):
                         return _Cut(end, "clause")
                 i = max(end, i + 1)
                 continue
             i += 1
+        if n > limit:
+            return long_cut()  # the turn ends past the ceiling (final or idle)
         if idle:
             if last_sentence > 0:
                 return _Cut(last_sentence, "idle")
             if last_clause > 0:
                 return _Cut(last_clause, "idle")
+        wait()
         return None
 
     def _long_cut(self, buf: str, start: int, last_sentence: int, last_clause: int) -> _Cut:
         limit = start + self.options.max_chars
         floor = start + self.options.max_chars // 4  # avoid leaving a tiny fragment
+        self.work += limit - floor
         if last_sentence > floor:
             return _Cut(last_sentence, "length")
         if last_clause > floor:
@@ -489,15 +622,14 @@ class Segmenter:
             return _Cut(lt, "length")
         return _Cut(limit, "length")
 
-    def _newline(self, buf: str, i: int, start: int, final: bool) -> int:
+    def _newline(self, buf: str, i: int, line: int, final: bool) -> int:
         """A newline: paragraph break, list item or heading boundary, or a soft wrap."""
         n = len(buf)
+        self.work += 6
         if i + 1 < n and buf[i + 1] == "\n":
             return _CUT
-        line_begin = buf.rfind("\n", start, i) + 1
-        if line_begin < start:
-            line_begin = start
-        if buf[line_begin:i].lstrip().startswith("#"):
+        p = self._walk(line, _WS, i)
+        if p < i and buf[p] == "#":
             return _CUT  # the line that ends here is a heading
         nxt = buf[i + 1 : i + 6]
         if _LIST_LINE.match(nxt) or nxt.startswith(("#", ">", "|")):
@@ -507,47 +639,53 @@ class Segmenter:
             return _CUT if final and i + 1 >= n else (_NO if final else _NEED_MORE)
         return _NO
 
-    def _terminator(self, buf: str, i: int, start: int, final: bool) -> tuple[int, int]:
+    def _terminator(
+        self, buf: str, i: int, start: int, line: int, stop: int, look: int, final: bool
+    ) -> tuple[int, int]:
         """Decide a sentence end at a terminator run starting at ``i``.
 
         Returns ``(end, verdict)``, ``end`` being the cut position after the run and any
         closing quotes/brackets (or -1 if the run itself is not complete yet).
         """
         n = len(buf)
-        j = i
-        while j < n and (buf[j] in _SENT_TERM or buf[j] in _CJK_TERM):
-            j += 1
-        k = j
-        while k < n and buf[k] in _CLOSERS:
-            k += 1
-        run = buf[i:j]
+        j = self._walk(i, _TERMS, stop)
+        k = self._walk(j, _CLOSERS, stop) if j < stop else j
         if k >= n:
             # The run or its closers may continue ("?" -> "?!", "." -> "...").
             return (k, _CUT if final else _NEED_MORE)
-        cjk = any(c in _CJK_TERM for c in run)
+        if k >= stop:
+            return (-1, _LONG)
+        flags = self._runs.get(i)
+        if flags is None:
+            run = buf[i:j]
+            self.work += j - i
+            flags = (any(c in _CJK_TERM for c in run), "!" in run or "?" in run)
+            self._runs[i] = flags
+        cjk, exclaim = flags
         nxt = buf[k]
         if nxt not in " \n":
             if cjk:
                 return (k, _CUT)
             return (k, _NO)  # "2.4", "e.g", "example.com", "wait…what"
         # Whitespace follows: look at the next significant character.
-        m = k
-        while m < n and buf[m] in " \n":
-            m += 1
-        while m < n and buf[m] in _OPENERS:
-            m += 1
+        m = self._walk(k, _SPACE, look)
+        if m < look:
+            m = self._walk(m, _OPENERS, look)
         if m >= n:
             return (k, _CUT if final else _NEED_MORE)
+        if m >= look:
+            return (-1, _LONG)
         follower = buf[m]
-        if cjk or "!" in run or "?" in run:
+        if cjk or exclaim:
             if follower.islower() and k > j and buf[k - 1] in "\"'”’»":
                 return (k, _NO)  # dialogue attribution: '"Really?" she asked.'
             return (k, _CUT)
         if follower.islower():
             # "e.g. this", "approx. five", "wait... what": the sentence goes on.
             return (k, _NO)
-        if run == ".":
+        if j - i == 1 and buf[i] == ".":
             word = _word_before(buf, i, start)
+            self.work += len(word) + 1
             lw = word.lower()
             if lw in _NO_BREAK_ABBR:
                 return (k, _NO)
@@ -559,30 +697,30 @@ class Segmenter:
                 return (k, _NO)  # an initial: "J. R. R. Tolkien"
             if _DOTTED_ACRONYM.match(word):
                 return (k, _NO)  # "U.S. Army", "Ph.D. thesis": merging is the safe error
-            if word.isdigit() or (len(word) == 1 and word.isalpha()):
-                line_begin = max(buf.rfind("\n", 0, i) + 1, start)
-                if buf[line_begin:i].strip() == word:
-                    return (k, _NO)  # a list marker "1. " / "a. " at the start of a line
+            if (word.isdigit() or (len(word) == 1 and word.isalpha())) and self._walk(
+                line, _WS, i
+            ) == i - len(word):
+                return (k, _NO)  # a list marker "1. " / "a. " at the start of a line
         return (k, _CUT)
 
-    def _clause(self, buf: str, i: int, final: bool) -> tuple[int, int]:
+    def _clause(self, buf: str, i: int, stop: int, final: bool, at_start: bool) -> tuple[int, int]:
         """A clause boundary: ``, ; :`` or a dash, followed by whitespace."""
         n = len(buf)
         ch = buf[i]
         if ch == "-":
             # Only a spaced hyphen " - " is a dash; "well-known" and "-3.5" are not.
-            if i == 0 or buf[i - 1] != " ":
+            if at_start or buf[i - 1] != " ":
                 return (i + 1, _NO)
             if i + 1 >= n:
                 return (i + 1, _NO if final else _NEED_MORE)
             return (i + 1, _CUT if buf[i + 1] == " " else _NO)
         if ch in _CJK_CLAUSE or ch in _DASHES:
             return (i + 1, _CUT)
-        k = i + 1
-        while k < n and buf[k] in _CLOSERS:
-            k += 1
+        k = self._walk(i + 1, _CLOSERS, stop)
         if k >= n:
             return (k, _NO if final else _NEED_MORE)
+        if k >= stop:
+            return (-1, _LONG)
         return (k, _CUT if buf[k] in " \n" else _NO)  # "1,000" and "10:30" are not clauses
 
 

@@ -7,26 +7,26 @@ import contextlib
 import logging
 import os
 import secrets
-import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
+from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.config import Settings
-from gateway.core.codec import VOICES, resolve_voice
+from gateway.core.codec import VOICES
 from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, SessionProtocol
 from gateway.core.segmenter import SegmenterOptions
-from gateway.errors import ErrorCode, GatewayError
+from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
 from gateway.server.engine import SessionEngine, Synthesizer
 from gateway.server.metrics import Metrics
@@ -37,7 +37,8 @@ from gateway.server.session import (
     RunnerLimits,
     run_session,
 )
-from gateway.vocab import SAMPLE_RATE
+from gateway.server.speech import openai_error, speech
+from gateway.serving import install_log_filters
 
 log = logging.getLogger("voicegw.app")
 
@@ -51,6 +52,8 @@ class Services:
     readiness: Callable[[], Awaitable[dict[str, Any]]] | None = None
     """Returns {"ready": bool, ...details}."""
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    simulated: tuple[str, ...] = ()
+    """What is simulated, for ``session.ready`` (demo: "upstream", "chat", "snac_weights")."""
 
 
 ServicesFactory = Callable[[Settings, Metrics], contextlib.AbstractAsyncContextManager[Services]]
@@ -64,7 +67,9 @@ def default_web_dir() -> Path | None:
     return here if here.is_dir() else None
 
 
-def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
+def protocol_options(
+    settings: Settings, *, chat: bool, simulated: tuple[str, ...] = ()
+) -> ProtocolOptions:
     lim = settings.gateway.limits
     return ProtocolOptions(
         segmenter=SegmenterOptions.from_settings(settings.gateway.segmenter),
@@ -74,28 +79,12 @@ def protocol_options(settings: Settings, *, chat: bool) -> ProtocolOptions:
         max_turn_chars=lim.max_turn_chars,
         segments_per_minute=lim.segments_per_minute,
         reorder_buffer_bytes=lim.reorder_buffer_bytes,
+        idle_timeout_s=lim.idle_timeout_ms / 1000.0,
         chat_enabled=chat,
+        demo=settings.gateway.demo,
+        simulated=simulated,
         system_prompt=settings.gateway.llm.system_prompt,
         max_history_messages=settings.gateway.llm.max_history_messages,
-    )
-
-
-def openai_error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def wav_header() -> bytes:
-    """A streaming WAV header: sizes are unknown, so they are set to the maximum, which
-    players treat as "read until the end of the stream"."""
-    return (
-        b"RIFF"
-        + struct.pack("<I", 0xFFFFFFFF)
-        + b"WAVEfmt "
-        + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
-        + b"data"
-        + struct.pack("<I", 0xFFFFFFFF)
     )
 
 
@@ -126,6 +115,9 @@ class Gateway:
             "engine_tasks": float(sum(e.tasks for e in self.engines)),
             "segments_inflight": float(sum(e.inflight for e in self.engines)),
             "event_loop_tasks": loop_tasks,
+            # Slots held by WebSocket sessions and /v1/audio/speech requests together:
+            # what max_sessions counts, so a leak here is visible before it locks users out.
+            "session_slots": float(self.sessions.active),
         }
 
     def _observe(self, protocol: SessionProtocol) -> None:
@@ -141,12 +133,14 @@ class Gateway:
     def new_engine(
         self, session_id: str, on_output: Callable[[list[Outgoing]], None],
         on_cancel: Callable[[int], None] = lambda e: None,
+        may_start: Callable[[], bool] = lambda: True,
     ) -> SessionEngine:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
-        protocol = SessionProtocol(
-            session_id, protocol_options(self.settings, chat=chat is not None), clock=self.clock
+        options = protocol_options(
+            self.settings, chat=chat is not None, simulated=self.services.simulated
         )
+        protocol = SessionProtocol(session_id, options, clock=self.clock)
         return SessionEngine(
             protocol,
             self.services.synth,
@@ -156,6 +150,7 @@ class Gateway:
             on_output=on_output,
             on_cancel=on_cancel,
             on_metrics=self._observe,
+            may_start=may_start,
         )
 
 
@@ -163,22 +158,30 @@ def _gw(obj: Request | WebSocket) -> Gateway:
     return obj.app.state.gateway
 
 
+async def _deny(ws: WebSocket, response: Response) -> NoReturn:
+    """Refuse a WebSocket upgrade with an HTTP response, and end the connection's task.
+
+    uvicorn's websockets-sansio protocol (0.54) does not count a denial response as a
+    finished handshake: an app that then returns normally gets "ASGI callable returned
+    without completing handshake." logged at ERROR for every refused upgrade. The
+    connection is over once the response is out, which is what ClientDisconnected says,
+    and uvicorn ends the task quietly on it."""
+    await ws.send_denial_response(response)
+    raise ClientDisconnected
+
+
 async def ws_stream(ws: WebSocket) -> None:
     gw = _gw(ws)
     origin = ws.headers.get("origin")
-    if not gw.origins.allows(origin, ws.headers.get("host")):
+    if not gw.origins.allows(origin, ws.headers.get("host"), ws.url.scheme):
         gw.metrics.errors.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
-        await ws.send_denial_response(
-            openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)
+        await _deny(
+            ws, openai_error(403, f"origin {origin!r} is not allowed", ErrorCode.FORBIDDEN_ORIGIN)
         )
-        return
     principal = gw.keys.check(ws.headers, ws.query_params)
     if principal is None:
         gw.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
-        await ws.send_denial_response(
-            openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
-        )
-        return
+        await _deny(ws, openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED))
     refusal = gw.sessions.try_acquire(principal)
     await ws.accept()
     if refusal is not None:
@@ -230,112 +233,6 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
 # HTTP API
 
 
-async def speech(request: Request) -> Response:
-    """OpenAI-compatible ``POST /v1/audio/speech``, streamed as audio is produced."""
-    gw = _gw(request)
-    principal = gw.keys.check(request.headers, request.query_params)
-    if principal is None:
-        return openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
-    try:
-        body = orjson.loads(await request.body())
-    except orjson.JSONDecodeError:
-        return openai_error(400, "request body is not valid JSON", ErrorCode.BAD_JSON)
-    if not isinstance(body, dict):
-        return openai_error(400, "request body must be a JSON object", ErrorCode.BAD_MESSAGE)
-    text = body.get("input")
-    lim = gw.settings.gateway.limits
-    if not isinstance(text, str) or not text.strip():
-        return openai_error(400, "'input' must be a non-empty string", "bad_message", "input")
-    if len(text) > lim.max_turn_chars:
-        return openai_error(
-            400, f"'input' is over {lim.max_turn_chars} characters", "turn_too_long", "input"
-        )
-    fmt = body.get("response_format") or "wav"
-    if fmt not in ("wav", "pcm"):
-        return openai_error(
-            400,
-            f"response_format {fmt!r} is not supported; use 'wav' or 'pcm' (24 kHz s16le mono)",
-            ErrorCode.BAD_PARAMETER,
-            "response_format",
-        )
-    speed = body.get("speed", 1.0)
-    if speed not in (None, 1, 1.0):
-        return openai_error(400, "only speed 1.0 is supported", "bad_parameter", "speed")
-    try:
-        voice = resolve_voice(body.get("voice"), gw.settings.vllm.tts_voice)
-    except GatewayError as exc:
-        return openai_error(400, exc.message, exc.code, "voice")
-    refusal = gw.sessions.try_acquire(principal)
-    if refusal is not None:
-        return openai_error(429, refusal, ErrorCode.TOO_MANY_SESSIONS)
-
-    queue: asyncio.Queue[Outgoing] = asyncio.Queue()
-    session_id = "http_" + secrets.token_hex(6)
-    engine = gw.new_engine(session_id, lambda items: [queue.put_nowait(o) for o in items])
-    gw.engines.add(engine)
-    p = engine.protocol
-    p.receive_text(orjson.dumps({"type": "session.update", "voice": voice}).decode())
-    p.receive_text(orjson.dumps({"type": "text.delta", "text": text}).decode())
-    p.receive_text(orjson.dumps({"type": "text.end"}).decode())
-    engine.pump()
-
-    async def events() -> AsyncIterator[bytes | dict[str, Any]]:
-        while True:
-            o = await queue.get()
-            if isinstance(o.data, bytes):
-                yield o.data
-                continue
-            msg = orjson.loads(o.data)
-            if msg["type"] == "turn.done":
-                return
-            yield msg
-
-    async def finish() -> None:
-        gw.engines.discard(engine)
-        await engine.aclose()
-        gw.sessions.release(principal)
-
-    it = events()
-    # Hold the response until the first audio: if every segment fails before any audio
-    # exists, the caller gets a proper HTTP error instead of an empty 200.
-    first: list[bytes] = []
-    errors: list[dict[str, Any]] = []
-    try:
-        async for ev in it:
-            if isinstance(ev, bytes):
-                first.append(ev)
-                break
-            if ev["type"] == "segment.error":
-                errors.append(ev)
-    except BaseException:
-        await finish()
-        raise
-    if not first:
-        await finish()
-        if errors:
-            e = errors[0]
-            status = 503 if e["code"] == ErrorCode.OVERLOADED else 502
-            return openai_error(status, e["message"], e["code"])
-        return openai_error(502, "the upstream produced no audio", ErrorCode.NO_AUDIO)
-
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            if fmt == "wav":
-                yield wav_header()
-            yield first[0]
-            async for ev in it:
-                if isinstance(ev, bytes):
-                    yield ev
-                elif ev["type"] == "segment.error":
-                    log.warning("speech %s: segment failed: %s", session_id, ev["message"])
-        finally:
-            await finish()
-
-    media = "audio/wav" if fmt == "wav" else "audio/pcm"
-    headers = {"x-sample-rate": str(SAMPLE_RATE), "cache-control": "no-store"}
-    return StreamingResponse(body_iter(), media_type=media, headers=headers)
-
-
 async def voices(request: Request) -> Response:
     gw = _gw(request)
     return JSONResponse({"voices": list(VOICES), "default": gw.settings.vllm.tts_voice})
@@ -346,13 +243,42 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 or 503 for load balancers, with a reason code. The details (upstream host names
+    and ports, decoder state) only for a caller with a valid key, or when there are no keys
+    (no auth at all): they map the deployment for anyone who can reach the port."""
     gw = _gw(request)
     if gw.services is None:
-        return JSONResponse({"ready": False, "reason": "starting"}, status_code=503)
-    if gw.services.readiness is None:
-        return JSONResponse({"ready": True})
-    detail = await gw.services.readiness()
-    return JSONResponse(detail, status_code=200 if detail.get("ready") else 503)
+        detail: dict[str, Any] = {"ready": False}
+    elif gw.services.readiness is None:
+        detail = {"ready": True}
+    else:
+        detail = await gw.services.readiness()
+    ready = bool(detail.get("ready"))
+    reason = "ok" if ready else _not_ready_reason(gw, detail)
+    status = 200 if ready else 503
+    if gw.keys.check(request.headers, request.query_params) is None:
+        return JSONResponse({"ready": ready, "reason": reason}, status_code=status)
+    return JSONResponse({**detail, "ready": ready, "reason": reason}, status_code=status)
+
+
+def _not_ready_reason(gw: Gateway, detail: dict[str, Any]) -> str:
+    if gw.services is None:
+        return "starting"
+    if "upstreams_available" in detail and not detail["upstreams_available"]:
+        return ErrorCode.UPSTREAM_UNAVAILABLE.value
+    return "not_ready"
+
+
+async def ws_not_found(ws: WebSocket) -> None:
+    """A WebSocket to any other path: 404 with OpenAI's error body, not a bare 403."""
+    gw = _gw(ws)
+    gw.metrics.errors.labels(ErrorCode.NOT_FOUND.value).inc()
+    await _deny(
+        ws,
+        openai_error(
+            404, f"no WebSocket endpoint at {ws.url.path}; use /v1/tts/stream", ErrorCode.NOT_FOUND
+        ),
+    )
 
 
 async def metrics(request: Request) -> Response:
@@ -366,6 +292,7 @@ def create_app(
     settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
 ) -> Starlette:
     gw = Gateway(settings, factory)
+    install_log_filters()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -378,6 +305,8 @@ def create_app(
 
     routes: list[Any] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),
+        # Before the static mount, which would otherwise take (and fail) every WebSocket.
+        WebSocketRoute("/{path:path}", ws_not_found),
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/voices", voices),
         Route("/healthz", healthz),

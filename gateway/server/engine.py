@@ -127,6 +127,7 @@ class SessionEngine:
         on_cancel: Callable[[int], None] = lambda epoch: None,
         on_close: Callable[[int, str], None] = lambda code, reason: None,
         on_metrics: Callable[[SessionProtocol], None] = lambda p: None,
+        may_start: Callable[[], bool] = lambda: True,
     ) -> None:
         self.protocol = protocol
         self._synth = synth
@@ -137,6 +138,9 @@ class SessionEngine:
         self._on_cancel = on_cancel
         self._on_close = on_close
         self._on_metrics = on_metrics
+        # Backpressure from the transport: while False, queued segments wait (pump() again
+        # once the client has caught up). Work already running is not held back.
+        self._may_start = may_start
         self._pending: deque[StartSegment] = deque()
         self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
         # The current epoch's segments from the head on (seq -> sink), for deadlines.
@@ -234,7 +238,12 @@ class SessionEngine:
             self._on_close(act.code, act.reason)
 
     def _start_ready(self) -> None:
-        while self._pending and len(self._running) < self._max_inflight and not self._closed:
+        while (
+            self._pending
+            and len(self._running) < self._max_inflight
+            and not self._closed
+            and self._may_start()
+        ):
             act = self._pending.popleft()
             if act.epoch != self.protocol.epoch:
                 continue

@@ -36,10 +36,10 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.sessions_active = Gauge(
-            "voicegw_sessions_active", "Open WebSocket sessions", registry=r
+            "voicegw_sessions_active", "Open sessions: WebSockets and speech requests", registry=r
         )
         self.sessions_total = Counter(
-            "voicegw_sessions_total", "WebSocket sessions accepted", registry=r
+            "voicegw_sessions_total", "Sessions: WebSockets and speech requests", registry=r
         )
         self.segments = Counter(
             "voicegw_segments_total", "Segments by outcome", ["outcome"], registry=r

@@ -54,20 +54,27 @@ class KeyChecker:
         return Principal(key_id(token)) if ok else None
 
 
+# The page scheme that goes with a connection's scheme.
+_HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+
+
 class OriginPolicy:
     """Cross-site WebSocket hijacking defence.
 
     A browser always sends ``Origin`` on a WebSocket upgrade, and cookies or cached
     credentials ride along, so a page on another site must not be able to open a session.
     With an allowlist, only listed origins pass (``*`` allows all). Without one, a browser
-    origin must match the ``Host`` it connects to; clients without ``Origin`` (servers,
+    origin must be the gateway's own: the ``Host`` it connects to, and the matching scheme
+    (``http`` for ``ws``, ``https`` for ``wss``; behind a TLS proxy, uvicorn takes the
+    scheme from a trusted ``X-Forwarded-Proto``). Clients without ``Origin`` (servers,
     scripts) are not browsers and pass.
     """
 
     def __init__(self, allowed: Iterable[str]) -> None:
         self._allowed = {o.rstrip("/").lower() for o in allowed}
 
-    def allows(self, origin: str | None, host: str | None) -> bool:
+    def allows(self, origin: str | None, host: str | None, scheme: str | None = None) -> bool:
+        """``scheme`` is the connection's own (``ws``/``wss``); None skips that check."""
         if origin is None:
             return True
         o = origin.rstrip("/").lower()
@@ -75,7 +82,10 @@ class OriginPolicy:
             return "*" in self._allowed or o in self._allowed
         if o == "null" or not host:
             return False
-        return urlsplit(o).netloc == host.lower()
+        parts = urlsplit(o)
+        if scheme is not None and parts.scheme != _HTTP_SCHEME.get(scheme.lower()):
+            return False
+        return parts.netloc == host.lower()
 
 
 class SessionLimiter:

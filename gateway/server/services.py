@@ -1,21 +1,32 @@
 """Build the real services: SNAC decoder worker, upstream pool, chat LLM; demo wiring.
 
-``voicegw serve --demo`` starts the fake vLLM in its own thread and points the gateway
-(TTS and chat) at it; SNAC uses real weights when they are in the local hub cache and
-falls back to seeded random weights otherwise. A banner says what is real.
+``voicegw serve --demo`` starts the fake vLLM as a child process (``python -m gateway
+fake-vllm``), as it would be deployed, and points the gateway (TTS and chat) at it; SNAC
+uses real weights when they are in the local hub cache and falls back to seeded random
+weights otherwise. A banner says what is real, and ``session.ready`` says what is simulated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
+import errno
+import functools
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway.config import Endpoint, Settings
+from gateway.errors import ServeError
 from gateway.llm import ChatLLM
 from gateway.server.app import Services
 from gateway.server.metrics import Metrics
@@ -30,33 +41,179 @@ def _banner(lines: list[str]) -> None:
     print("\n".join([bar, *[f"  {s}" for s in lines], bar]), file=sys.stderr, flush=True)
 
 
+def bind_listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the gateway's port before anything else happens (model load, fake vLLM, banner),
+    so that a taken port is one clear line; uvicorn gets this socket, so nobody can take the
+    port in between."""
+    # The address family as uvicorn picks it: IPv6 only for an IPv6 literal.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn does: a restart may rebind while old connections sit in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"port {port} on {host} is already in use (another voicegw?); "
+                "choose another one with --port N"
+            ) from exc
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+class DemoUpstream:
+    """The demo's fake vLLM in a child process of its own, as it would be deployed: in a
+    thread it competed with the event loop and the decode thread for this process's GIL.
+
+    ``start()`` hands it an already bound socket (no race for a free port) and waits for
+    its ``/health``. It is stopped on every way out: ``stop()`` from the owner's ``finally``,
+    ``atexit`` as a fallback, and the child's own parent-death signal when this process is
+    killed outright. ``watch()`` reports a child that dies while the gateway runs.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        start_timeout_s: float = 30.0,
+        python: str = sys.executable,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self._timeout = start_timeout_s
+        self._python = python
+        self._clock = clock
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watcher: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> DemoUpstream:
+        import httpx
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+            cmd = [
+                self._python, "-m", "gateway", "fake-vllm",
+                "--fd", str(sock.fileno()),
+                "--model", self.model,
+                "--log-level", "warning",
+                "--parent-pid", str(os.getpid()),
+            ]  # fmt: skip
+            # Its own session: a Ctrl-C in the terminal reaches only the gateway, which
+            # then stops the child in order (after its own upstream streams are closed).
+            # The child's parent-death signal fires when the *thread* that started it
+            # ends, so this runs on the main thread (run_server's).
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, pass_fds=(sock.fileno(),), start_new_session=True
+            )
+        atexit.register(self.stop)
+        deadline = self._clock() + self._timeout
+        with httpx.Client(base_url=self.base_url, timeout=1.0, trust_env=False) as client:
+            while True:
+                rc = self._proc.poll()
+                if rc is not None:
+                    self.stop()
+                    raise ServeError(f"the demo's fake vLLM exited with code {rc} while starting")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get("/health").status_code == 200:
+                        return self
+                if self._clock() > deadline:
+                    self.stop()
+                    raise ServeError(
+                        f"the demo's fake vLLM did not answer /health within {self._timeout:g} s"
+                    )
+                time.sleep(0.05)
+
+    def watch(self, on_exit: Callable[[int], None]) -> None:
+        """Call ``on_exit(returncode)`` (from a thread) if the child ends before ``stop()``."""
+        proc = self._proc
+        assert proc is not None
+
+        def wait() -> None:
+            rc = proc.wait()
+            if not self._stopping.is_set():
+                on_exit(rc)
+
+        self._watcher = threading.Thread(target=wait, name="demo-upstream-watch", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        atexit.unregister(self.stop)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # SIGTERM: uvicorn shuts the fake down gracefully
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+
+    def wire(self, settings: Settings) -> tuple[Settings, bool]:
+        """Point the TTS upstream, and the chat LLM unless one is configured, at the child;
+        the flag says whether chat was pointed there too."""
+        ep = Endpoint(host="127.0.0.1", port=self.port)
+        vllm = dataclasses.replace(settings.vllm, host=ep.host, port=ep.port, endpoints=(ep,))
+        llm = settings.gateway.llm
+        chat = not llm.base_url
+        if chat:
+            # The fake serves chat under the same model name, as vLLM would.
+            llm = dataclasses.replace(llm, base_url=self.base_url + "/v1", model=vllm.tts_model)
+        gateway = dataclasses.replace(settings.gateway, llm=llm)
+        return dataclasses.replace(settings, vllm=vllm, gateway=gateway), chat
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DemoWiring:
+    """What ``run_server`` set up for ``--demo``, for the banner and ``session.ready``."""
+
+    upstream_url: str
+    chat: bool
+    pid: int | None = None
+
+
 @contextlib.asynccontextmanager
-async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[Services]:
+async def real_services(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    model: Any = None,
+    demo: DemoWiring | None = None,
+) -> AsyncIterator[Services]:
+    """``model``: an already loaded SNAC model (``run_server`` loads it before the server
+    starts, so that a missing model is one line, not a lifespan traceback); ``demo``: the
+    fake vLLM that ``run_server`` started and pointed ``settings`` at."""
     from gateway.decoder.snac_model import load_snac
     from gateway.decoder.worker import DecodeWorker
     from gateway.upstream.pool import UpstreamPool
 
-    demo = settings.gateway.demo
     vllm = settings.vllm
     llm = settings.gateway.llm
-    simulated_chat = False
     async with contextlib.AsyncExitStack() as stack:
         upstream_desc = ", ".join(e.base_url for e in vllm.endpoint_list)
-        if demo:
-            from gateway.fake_vllm import FakeVLLMOptions
-            from gateway.testing import FakeVLLMThread
-
-            fake = stack.enter_context(FakeVLLMThread(FakeVLLMOptions(model=vllm.tts_model)))
-            ep = Endpoint(host=fake.host, port=fake.port)
-            vllm = dataclasses.replace(vllm, host=ep.host, port=ep.port, endpoints=(ep,))
-            if not llm.base_url:
-                # The fake serves chat under the same model name, as vLLM would.
-                llm = dataclasses.replace(llm, base_url=fake.base_url + "/v1", model=vllm.tts_model)
-                simulated_chat = True
-            upstream_desc = f"SIMULATED fake vLLM at {fake.base_url} (no GPU, no Orpheus)"
-        # Loading and warm-up happen once, here, off the event loop; a model that cannot
-        # be loaded stops the start with its cause (demo mode falls back to random).
-        model = await asyncio.to_thread(load_snac, vllm, demo=demo)
+        if demo is not None:
+            upstream_desc = (
+                f"SIMULATED fake vLLM at {demo.upstream_url} "
+                f"(child process {demo.pid}; no GPU, no Orpheus)"
+            )
+        if model is None:
+            # Off the event loop; a model that cannot be loaded stops the start with its
+            # cause (demo mode falls back to random weights).
+            model = await asyncio.to_thread(load_snac, vllm, demo=settings.gateway.demo)
 
         def observe_batch(windows: int, seconds: float) -> None:
             metrics.decode_batch.observe(windows)
@@ -91,15 +248,22 @@ async def real_services(settings: Settings, metrics: Metrics) -> AsyncIterator[S
 
         _banner(
             [
-                f"voicegw {'DEMO' if demo else 'serving'} on "
+                f"voicegw {'DEMO' if settings.gateway.demo else 'serving'} on "
                 f"http://{settings.gateway.server.host}:{settings.gateway.server.port}/",
                 f"TTS upstream: {upstream_desc}",
                 f"SNAC decoder: {decoder_desc}",
                 f"chat LLM: {llm.base_url or 'not configured'}"
-                + (" (SIMULATED: the fake vLLM's chat API)" if simulated_chat else ""),
+                + (" (SIMULATED: the fake vLLM's chat API)" if demo and demo.chat else ""),
             ]
         )
-        yield Services(synth=Pipeline(pool, worker), chat=chat, readiness=readiness)
+        simulated = (
+            *(("upstream",) if demo else ()),
+            *(("chat",) if demo and demo.chat else ()),
+            *(("snac_weights",) if model.random_weights else ()),
+        )
+        yield Services(
+            synth=Pipeline(pool, worker), chat=chat, readiness=readiness, simulated=simulated
+        )
 
 
 def _install_metrics(metrics: Metrics, pool: Any, worker: Any) -> None:
@@ -135,10 +299,67 @@ def _observe_request(metrics: Metrics, st: Any) -> None:
 
 
 def run_server(settings: Settings) -> int:
-    """``voicegw serve``: uvicorn with uvloop, the real services."""
+    """``voicegw serve``: uvicorn with uvloop, the real services.
+
+    In order: bind the port, load the SNAC model, start the demo's fake vLLM, serve. Each
+    step that fails raises :class:`ServeError` or ``ModelLoadError`` with one line to show,
+    and nothing started before it is left running."""
+    from gateway.decoder.snac_model import load_snac
+
+    srv = settings.gateway.server
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # SIGINT and SIGTERM as an exception, so that every ``finally`` (the demo's child
+        # process) runs; uvicorn re-raises them here after its graceful shutdown.
+        caught.append(signum)
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGINT, signal.SIGTERM) if main else ()
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled}
+    try:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(bind_listen_socket(srv.host, srv.port))
+            port = sock.getsockname()[1]  # --port 0 picks a free one; the banner shows it
+            server_settings = dataclasses.replace(srv, port=port)
+            settings = dataclasses.replace(
+                settings, gateway=dataclasses.replace(settings.gateway, server=server_settings)
+            )
+            model = load_snac(settings.vllm, demo=settings.gateway.demo)
+            child: DemoUpstream | None = None
+            wiring: DemoWiring | None = None
+            if settings.gateway.demo:
+                child = DemoUpstream(settings.vllm.tts_model)
+                stack.callback(child.stop)  # before start(): a SIGTERM may come mid-way
+                child.start()
+                settings, chat = child.wire(settings)
+                wiring = DemoWiring(upstream_url=child.base_url, chat=chat, pid=child.pid)
+            return _serve(
+                settings, sock, functools.partial(real_services, model=model, demo=wiring), child
+            )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            # Everything we own is stopped: now die of the signal itself, as uvicorn would
+            # have. Supervisors read that as a clean stop (systemd does not for exit 143),
+            # and it skips the interpreter's finalisation, 2-5 s of garbage collection
+            # once torch is loaded.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(caught[0], signal.SIG_DFL)
+            signal.raise_signal(caught[0])
+
+
+def _serve(
+    settings: Settings, sock: socket.socket, factory: Any, child: DemoUpstream | None
+) -> int:
     import uvicorn
 
     from gateway.server.app import create_app
+    from gateway.serving import server_options
 
     interval = settings.gateway.decoder.switch_interval_ms
     if interval > 0:
@@ -149,20 +370,33 @@ def run_server(settings: Settings) -> int:
         # the GIL's share of one core, not the hand-over. 1 ms is kept as the tighter
         # bound on how long the decode thread's Python code can delay the loop.
         sys.setswitchinterval(interval / 1000.0)
-    app = create_app(settings, real_services)
+    app = create_app(settings, factory)
     srv = settings.gateway.server
     config = uvicorn.Config(
         app,
         host=srv.host,
         port=srv.port,
         loop="uvloop",
-        ws="websockets-sansio",  # the legacy websockets implementation is deprecated
         log_level=srv.log_level,
-        # Frames up to max_frame_bytes get a clear error event; far bigger ones are
-        # refused by the WebSocket layer (close 1009) before they are even buffered.
-        ws_max_size=max(2 * settings.gateway.limits.max_frame_bytes, 65_536),
-        timeout_graceful_shutdown=5,
-        lifespan="on",
+        # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.serving).
+        **server_options(settings),
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    lost: list[int] = []
+    if child is not None:
+
+        def on_child_exit(rc: int) -> None:
+            # Without its upstream the demo cannot speak: stop, loudly, rather than serve
+            # a page whose every segment fails.
+            log.error("the demo's fake vLLM (pid %s) exited with code %d; stopping", child.pid, rc)
+            lost.append(rc)
+            server.should_exit = True
+
+        child.watch(on_child_exit)
+    server.run(sockets=[sock])
+    if lost:
+        raise ServeError(f"the demo's fake vLLM exited unexpectedly (code {lost[0]})")
+    if not server.started:
+        # uvicorn has logged why (lifespan start-up failed); say it with the exit status.
+        return 1
     return 0

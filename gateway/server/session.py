@@ -1,8 +1,14 @@
 """The WebSocket session runner: moves frames between a client and a SessionEngine.
 
 Three tasks per session, all owned here: the receiver (client frames into the protocol),
-the sender (a bounded outbox to the socket) and a ticker (idle flush). Whichever ends
-first ends the session; then everything is cancelled and awaited.
+the sender (a bounded outbox to the socket) and a ticker (idle flush, paced segments, the
+idle timeout). Whichever ends first ends the session; then everything is cancelled and
+awaited.
+
+A client that breaks the WebSocket protocol itself (reserved bits, unknown opcodes,
+unmasked frames, invalid UTF-8) is closed by the server's WebSocket layer with 1002 or
+1007. That is the client's fault, not the gateway's: it costs one log line per kind and
+interval (:class:`ViolationLog`), never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +29,78 @@ from gateway.server.engine import SessionEngine
 log = logging.getLogger("voicegw.session")
 
 CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_TRY_LATER = 1013
 CLOSE_SLOW_CLIENT = 4008
+
+
+IDLE_REASON = "idle_timeout"
+
+# Close codes the WebSocket layer uses when the client broke the protocol, and what to call
+# each kind in the log.
+_VIOLATIONS = {
+    CLOSE_PROTOCOL_ERROR: "WebSocket protocol error (close 1002)",
+    CLOSE_INVALID_DATA: "invalid UTF-8 in a text frame (close 1007)",
+    CLOSE_TOO_BIG: "frame over the server's size limit (close 1009)",
+}
+
+
+class ViolationLog:
+    """At most one warning line per kind of client violation per ``interval_s``: a client
+    cannot flood the log by repeating one. The next line says how many were not logged."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def report(self, kind: str) -> bool:
+        """Count one violation; True if it was logged."""
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        more = self._quiet.pop(kind, 0)
+        extra = (
+            f" (and {more} more in the last {now - last:.0f} s)"
+            if more and last is not None
+            else ""
+        )
+        self._log.warning("client closed for %s%s", kind, extra)
+        return True
+
+
+violations = ViolationLog(log)
+
+
+class _DropUvicornClientErrors(logging.Filter):
+    """uvicorn logs invalid UTF-8 from a client with a full traceback on every frame; the
+    session logs it as a violation instead (rate-limited, one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid UTF-8 sequence received from client")
+
+
+def _install_log_filter() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropUvicornClientErrors) for f in logger.filters):
+        logger.addFilter(_DropUvicornClientErrors())
+
+
+_install_log_filter()
 
 
 class SlowClientError(Exception):
@@ -84,6 +158,8 @@ class RunnerLimits:
     outbound_queue_bytes: int
     slow_client_timeout_s: float
     tick_interval_s: float = 0.1
+    close_timeout_s: float = 2.0
+    """How long the close frame may wait for the socket before the session lets go."""
 
 
 async def run_session(
@@ -99,10 +175,15 @@ async def run_session(
     close_reason = ""
 
     async def receiver() -> None:
+        nonlocal close_code
         while True:
             msg = await ws.receive()
             kind = msg["type"]
             if kind == "websocket.disconnect":
+                code = msg.get("code", CLOSE_NORMAL)
+                if code in _VIOLATIONS:
+                    violations.report(_VIOLATIONS[code])
+                    close_code = code
                 return
             if msg.get("text") is not None:
                 protocol.receive_text(msg["text"])
@@ -127,12 +208,21 @@ async def run_session(
             except TimeoutError:
                 close_code, close_reason = CLOSE_SLOW_CLIENT, "slow_client: send timed out"
                 return
+            except RuntimeError:
+                # The server's WebSocket layer closed the connection under us (a protocol
+                # violation, a keepalive timeout): the receiver hears why; nothing to log.
+                return
 
     async def ticker() -> None:
+        nonlocal close_reason
         while True:
             await asyncio.sleep(limits.tick_interval_s)
             protocol.tick()
             engine.pump()
+            # Idle: no client message and no work for idle_timeout, and nothing left to send.
+            if protocol.idle_expired and not outbox.queued_bytes:
+                close_reason = IDLE_REASON
+                return
 
     protocol.start()
     engine.pump()
@@ -155,7 +245,9 @@ async def run_session(
         await engine.aclose()
         await asyncio.gather(*tasks, return_exceptions=True)
         if ws.client_state == WebSocketState.CONNECTED:
+            # A client that stopped reading may never take the close frame: wait a bounded
+            # time, then let go (the server closes the socket; see README "Close codes").
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(limits.close_timeout_s):
                     await ws.close(close_code, close_reason)
     return close_code

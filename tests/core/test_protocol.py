@@ -53,7 +53,15 @@ def test_session_ready_comes_first() -> None:
         "voice": "tara",
         "voices": ["tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe"],
         "chat": False,
+        "demo": False,
+        "simulated": [],
     }
+
+
+def test_session_ready_says_what_the_demo_simulates() -> None:
+    p, _ = make(demo=True, simulated=("upstream", "snac_weights"))
+    (ready,) = events(p)
+    assert (ready["demo"], ready["simulated"]) == (True, ["upstream", "snac_weights"])
 
 
 def test_segments_start_as_soon_as_they_are_cut() -> None:
@@ -386,3 +394,28 @@ def test_closed_session_ignores_everything() -> None:
     send(p, type="ping")
     p.push(SegmentEnd(0, 0, 0))
     assert p.data_to_send() == []
+
+
+def test_idle_timeout_counts_from_the_last_message_or_the_end_of_work() -> None:
+    p, clock = make(idle_timeout_s=60)
+    clock.advance(59)
+    assert not p.idle_expired
+    send(p, type="ping")  # any client message is activity
+    clock.advance(59)
+    assert not p.idle_expired
+    send(p, type="text.delta", text="Ay.")
+    send(p, type="text.end")
+    clock.advance(600)  # a turn in progress is never idle, however long it takes
+    assert not p.idle_expired
+    (a,) = p.actions()
+    p.push(SegmentEnd(0, a.seq, 0))
+    clock.advance(59)
+    assert not p.idle_expired
+    clock.advance(1)
+    assert p.idle_expired
+
+
+def test_idle_timeout_zero_never_expires() -> None:
+    p, clock = make(idle_timeout_s=0)
+    clock.advance(10**6)
+    assert not p.idle_expired

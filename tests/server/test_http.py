@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 
 import httpx
 import openai
+import orjson
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from gateway.errors import UpstreamError
 from tests.server.conftest import make_settings, running_gateway
@@ -107,3 +112,66 @@ async def test_small_endpoints() -> None:
                 ln for ln in m.splitlines() if ln.startswith("voicegw_gateway_event_loop_tasks ")
             ]
             assert len(tasks) == 1 and float(tasks[0].split()[1]) >= 1
+
+
+async def test_readyz_details_need_a_key() -> None:
+    settings = make_settings(**{"auth.api_keys": ["k1"]})
+    async with running_gateway(fake_services(FakeSynth(), ready=False), settings) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            anon = await http.get("/readyz")
+            wrong = await http.get("/readyz", headers={"authorization": "Bearer nope"})
+            keyed = await http.get("/readyz", headers={"authorization": "Bearer k1"})
+    # Without a valid key: the verdict and a reason code, nothing about the deployment.
+    for r in (anon, wrong):
+        assert r.status_code == 503 and r.json() == {"ready": False, "reason": "not_ready"}
+    assert keyed.status_code == 503
+    assert keyed.json() == {
+        "ready": False,
+        "reason": "not_ready",
+        "decoder": "fake",
+        "upstreams": 0,
+    }
+
+
+async def test_readyz_without_keys_configured_shows_the_details() -> None:
+    async with running_gateway(fake_services(FakeSynth())) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            r = await http.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "reason": "ok", "decoder": "fake", "upstreams": 1}
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_wrong_websocket_path_is_a_404_with_an_openai_error() -> None:
+    settings = make_settings(**{"auth.api_keys": ["k1"]})
+    noisy = Records()
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    async with running_gateway(fake_services(FakeSynth()), settings) as (served, gw):
+        uvicorn_error.addHandler(noisy)  # after uvicorn's own logging set-up
+        try:
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(served.ws_url + "/v1/tts/nope?access_token=k1"):
+                    pass
+            with pytest.raises(InvalidStatus) as refused:  # and a refused key, the same way
+                async with connect(served.ws_url + "/v1/tts/stream?access_token=nope"):
+                    pass
+            await asyncio.sleep(0.05)  # uvicorn logs after the handler task ends
+        finally:
+            uvicorn_error.removeHandler(noisy)
+        assert gw.sessions.active == 0
+    resp = info.value.response
+    assert resp.status_code == 404
+    err = orjson.loads(resp.body)["error"]
+    assert err["code"] == "not_found" and "/v1/tts/stream" in err["message"]
+    assert refused.value.response.status_code == 401
+    # A refused upgrade is not a server error: nothing at WARNING or above (uvicorn logged
+    # "ASGI callable returned without completing handshake." for each).
+    assert [r.getMessage() for r in noisy.records] == []

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import logging
+import os
+import socket
 import time
 from typing import Any
 
@@ -242,8 +247,31 @@ async def test_cross_site_origin_is_refused_without_an_allowlist() -> None:
         url = served.ws_url + "/v1/tts/stream"
         with pytest.raises(InvalidStatus):
             await connect(url, origin="https://evil.example")
+        # Same host and port but another scheme is another origin (it used to pass).
+        with pytest.raises(InvalidStatus) as info:
+            await connect(url, origin=served.http_url.replace("http:", "https:"))
+        assert info.value.response.status_code == 403
         async with connect(url, origin=served.http_url) as ws:  # same origin is fine
             assert orjson.loads(await ws.recv())["type"] == "session.ready"
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "scheme", "ok"),
+    [
+        ("http://gw:8080", "gw:8080", "ws", True),
+        ("https://gw:8080", "gw:8080", "ws", False),
+        ("https://gw", "gw", "wss", True),
+        ("http://gw", "gw", "wss", False),
+        ("HTTPS://GW", "gw", "WSS", True),
+        ("http://gw:8080", "gw:8081", "ws", False),
+        ("null", "gw", "ws", False),
+        (None, "gw", "ws", True),  # not a browser
+    ],
+)
+def test_same_origin_check_compares_scheme_and_host(origin, host, scheme, ok) -> None:
+    from gateway.server.security import OriginPolicy
+
+    assert OriginPolicy(()).allows(origin, host, scheme) is ok
 
 
 async def test_session_limit_closes_with_1013() -> None:
@@ -271,3 +299,296 @@ async def test_outbox_is_bounded_and_purges_stale_audio() -> None:
     box.put([Outgoing(b"x" * 31, epoch=1)])
     with pytest.raises(SlowClientError):
         await box.get()
+
+
+async def test_a_turn_of_300_short_sentences_ends_and_the_next_turn_plays() -> None:
+    """The probe's case through the real pipeline: fake vLLM, SNAC decode, ``max_tokens``
+    7, 300 short sentences. It used to end 240 segments, fail 16 ``rate_limited`` and 45
+    ``buffer_overflow``, never send turn.done and leave the next turn silent. The rate
+    limit is set just under 300 so that the paced tail takes 2 s, not 15."""
+    from gateway.fake_vllm import FakeVLLMOptions
+    from gateway.server.app import create_app
+    from gateway.server.services import real_services
+    from gateway.serving import serve_asgi
+    from gateway.testing import run_fake_vllm
+    from tests.conftest_snac import snac_weights_dir
+    from tests.test_load import settings_for
+
+    options = FakeVLLMOptions(tokens_per_second=0, first_token_ms=0, max_num_seqs=32)
+    async with run_fake_vllm(options) as fake:
+        settings = settings_for(
+            fake.port,
+            snac_weights_dir(),
+            **{"limits.segments_per_minute": 290, "limits.max_inflight_segments": 16},
+        )
+        async with serve_asgi(create_app(settings, real_services)) as served:
+            async with connect(served.ws_url + "/v1/tts/stream", max_size=None) as ws:
+                await ws.recv()
+                await send(ws, type="session.update", max_tokens=7)
+                await recv_until(ws, "session.updated")
+                text = "".join(f"Line {i}. " for i in range(300))
+                for i in range(0, len(text), 64):
+                    await send(ws, type="text.delta", text=text[i : i + 64])
+                await send(ws, type="text.end")
+                # 300 SNAC decodes: about 20 CPU-s; minutes of wall time on a loaded machine.
+                events = await recv_until(ws, "turn.done", timeout=240)
+                await send(ws, type="text.delta", text="And one more turn.")
+                await send(ws, type="text.end")
+                after = await recv_until(ws, "turn.done", timeout=30)
+    ev = [e for e in events if isinstance(e, dict)]
+    kinds = [e["type"] for e in ev]
+    assert kinds.count("segment.end") == 300, {k: kinds.count(k) for k in set(kinds)}
+    assert "segment.error" not in kinds and "error" not in kinds
+    assert ev[-1]["turn"] == 0 and ev[-1]["segments"] == 300
+    assert [e["text"] for e in ev if e["type"] == "segment.start"] == [
+        f"Line {i}." for i in range(300)
+    ]
+    heard = [e for e in after if isinstance(e, dict)]
+    assert [e["type"] for e in heard] == ["segment.start", "segment.end", "turn.done"]
+    assert heard[-1]["turn"] == 1 and heard[-1]["samples"] > 0
+    assert any(isinstance(e, bytes) for e in after)
+
+
+# ----------------------------------------------------------------------------------------
+# Raw WebSocket clients: frames built by hand, to break the protocol on purpose.
+
+
+def ws_frame(opcode: int, payload: bytes, *, rsv: int = 0, mask: bool = True) -> bytes:
+    head = bytes([0x80 | rsv | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 1 << 16:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def text_frame(obj: dict[str, Any]) -> bytes:
+    return ws_frame(0x1, orjson.dumps(obj))
+
+
+class RawClient:
+    """A WebSocket client on a bare TCP stream: the handshake and frames by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int, rcvbuf: int = 0) -> RawClient:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:  # a small window: the server's buffers fill as soon as we stop reading
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                "GET /v1/tts/stream HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def next_frame(self) -> tuple[int, bytes]:
+        b0, b1 = await self.reader.readexactly(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await self.reader.readexactly(8), "big")
+        return b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def close_code(self, timeout: float = 10.0) -> int | None:
+        """Read to the close frame: its code, or None if the stream ends without one."""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    opcode, payload = await self.next_frame()
+                except asyncio.IncompleteReadError:
+                    return None
+                if opcode == 0x8:
+                    return int.from_bytes(payload[:2], "big")
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+class LogLines(logging.Handler):
+    """Every record of the gateway's and uvicorn's loggers, formatted as it would print."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    @contextlib.contextmanager
+    def attached(self) -> Any:
+        # uvicorn's loggers do not propagate to the root logger, so caplog misses them.
+        loggers = [logging.getLogger(n) for n in ("uvicorn", "uvicorn.error", "voicegw")]
+        for lg in loggers:
+            lg.addHandler(self)
+        try:
+            yield self
+        finally:
+            for lg in loggers:
+                lg.removeHandler(self)
+
+
+LONG = "This sentence is long enough to be spoken as several chunks. " * 40
+
+VIOLATIONS = {
+    "rsv2": (ws_frame(0x1, b'{"type":"ping"}', rsv=0x20), 1002),
+    "bad opcode": (ws_frame(0x3, b"x"), 1002),
+    "unmasked": (ws_frame(0x1, b'{"type":"ping"}', mask=False), 1002),
+    "invalid utf-8": (ws_frame(0x1, b'{"type":"text.delta","text":"\xff\xfe"}'), 1007),
+}
+
+
+async def test_protocol_violations_close_with_their_code_and_one_log_line_no_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.server import session as session_mod
+
+    # No delay between chunks: a chunk is pushed on every loop turn, so the session is
+    # sending at the moment the server's WebSocket layer closes for the bad frame. That
+    # race logged "Unexpected ASGI message 'websocket.send'" tracebacks.
+    synth = FakeSynth(chunk_delay_s=0.0, chunk_bytes=2048)
+    # A fresh log: earlier tests' violations must not use up this test's one line.
+    monkeypatch.setattr(session_mod, "violations", session_mod.ViolationLog(session_mod.log))
+    lines = LogLines()
+    async with running_gateway(fake_services(synth)) as (served, gw):
+        with lines.attached():
+            for frame, code in VIOLATIONS.values():
+                for _ in range(5):
+                    c = await RawClient.connect(served.port)
+                    await c.send(text_frame({"type": "text.delta", "text": LONG}))
+                    await asyncio.sleep(0.02)
+                    await c.send(frame)
+                    assert await c.close_code() == code
+                    c.abort()
+            async with asyncio.timeout(5):
+                while gw.sessions.active:
+                    await asyncio.sleep(0.01)
+        # A normal session afterwards works.
+        async with connect(served.ws_url + "/v1/tts/stream") as ws:
+            await ws.recv()
+            await send(ws, type="text.delta", text="Still works.")
+            await send(ws, type="text.end")
+            assert (await recv_until(ws, "turn.done"))[-1]["segments"] == 1
+    text = "\n".join(lines.lines)
+    assert "Traceback" not in text and "Unexpected ASGI" not in text, text
+    assert len(lines.lines) <= 2, text  # one line per kind: 1002 and 1007
+    assert sum("1002" in line for line in lines.lines) == 1, text
+    assert sum("1007" in line for line in lines.lines) == 1, text
+
+
+def test_violation_log_is_rate_limited_per_kind() -> None:
+    from gateway.clock import FakeClock
+    from gateway.server.session import ViolationLog
+
+    lines = LogLines()
+    logger = logging.getLogger("voicegw.test_violations")
+    logger.addHandler(lines)
+    clock = FakeClock()
+    vlog = ViolationLog(logger, interval_s=60, clock=clock)
+    try:
+        assert vlog.report("a") and not vlog.report("a") and vlog.report("b")
+        for _ in range(3):
+            assert not vlog.report("a")
+        clock.advance(60)
+        assert vlog.report("a")
+    finally:
+        logger.removeHandler(lines)
+    assert lines.lines[-1].endswith("client closed for a (and 4 more in the last 60 s)")
+    assert len(lines.lines) == 3
+
+
+async def test_an_idle_session_is_closed_and_frees_its_slot() -> None:
+    # A turn that takes longer than the idle timeout (0.6 s of chunks) is work, not idle.
+    synth = FakeSynth(chunk_delay_s=0.15)
+    settings = make_settings(**{"limits.idle_timeout_ms": 400})
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        url = served.ws_url + "/v1/tts/stream"
+        async with connect(url) as ws:
+            await ws.recv()
+            t0 = time.monotonic()
+            await send(ws, type="text.delta", text="A sentence of forty-odd characters here.")
+            await send(ws, type="text.end")
+            await recv_until(ws, "turn.done")
+            assert time.monotonic() - t0 > 0.5
+            for _ in range(6):  # pings keep it open past the timeout
+                await asyncio.sleep(0.1)
+                await send(ws, type="ping")
+            t1 = time.monotonic()
+            with pytest.raises(ConnectionClosed) as info:
+                await recv_until(ws, "never")
+            waited = time.monotonic() - t1
+        assert info.value.rcvd.code == 1000 and info.value.rcvd.reason == "idle_timeout"
+        assert 0.3 < waited < 1.5, waited
+        assert gw.sessions.active == 0
+
+
+async def slow_reader_session(
+    outbound_queue_bytes: int, chunk_bytes: int, chunk_delay_s: float
+) -> tuple[float, int | None, Any]:
+    """A raw client with a 4 KiB receive window sends a long turn and stops reading.
+    Returns how long the gateway took to release the session, the close code the client
+    sees when it reads again (None: the stream ended without a close frame), and metrics."""
+    synth = FakeSynth(chunk_bytes=chunk_bytes, chunk_delay_s=chunk_delay_s)
+    settings = make_settings(
+        **{
+            "limits.outbound_queue_bytes": outbound_queue_bytes,
+            "limits.slow_client_timeout_ms": 300,
+        }
+    )
+    async with running_gateway(fake_services(synth), settings) as (served, gw):
+        c = await RawClient.connect(served.port, rcvbuf=4096)
+        await c.send(text_frame({"type": "text.delta", "text": "word " * 2000}))
+        await c.send(text_frame({"type": "text.end"}))
+        t0 = time.monotonic()
+        async with asyncio.timeout(15):
+            while gw.sessions.active:
+                await asyncio.sleep(0.01)
+        released = time.monotonic() - t0
+        assert synth.active == 0 and not gw.engines  # the work stopped with the session
+        metrics = gw.metrics.render()
+        code = await c.close_code(timeout=10)
+        c.abort()
+    return released, code, metrics
+
+
+async def test_a_slow_client_whose_queue_overflows_sees_4008_when_it_reads_again() -> None:
+    # Audio comes far faster than the client reads: the outbound queue overflows while the
+    # socket still takes writes, so the close frame is queued behind the audio.
+    released, code, metrics = await slow_reader_session(256 * 1024, 64 * 1024, 0.0)
+    assert code == 4008
+    assert released < 0.3 + 2.0 + 0.5
+    assert b'voicegw_errors_total{code="slow_client"} 1.0' in metrics
+
+
+async def test_a_client_that_stopped_reading_is_released_without_a_close_frame() -> None:
+    # The queue never overflows, a send blocks instead: the socket cannot take the close
+    # frame either. The session ends within the fill time + slow_client_timeout (0.3 s) +
+    # the close wait (2 s), and the connection ends without a close frame (README).
+    released, code, metrics = await slow_reader_session(64 * 1024 * 1024, 16 * 1024, 0.01)
+    assert code is None
+    assert released < 6.0, released
+    assert b'voicegw_errors_total{code="slow_client"} 1.0' in metrics
