@@ -164,6 +164,12 @@ class DecoderSettings:
     urgent_hold_ms: float = _f(
         150.0, lo=0.0, hi=1000.0, doc="CPU: far-ahead windows wait this long after urgent ones"
     )
+    decode_ahead_ms: float = _f(
+        1000.0,
+        lo=0.0,
+        hi=600000.0,
+        doc="CPU: WebSocket audio is decoded at most this far ahead of playback; 0 = no limit",
+    )
     switch_interval_ms: float = _f(
         1.0, lo=0.0, hi=100.0, doc="GIL switch interval of `voicegw serve` (ms); 0 = Python's 5"
     )

@@ -57,6 +57,11 @@ _TRIM_BLOCK = 64
 FRAME_SECONDS = SAMPLES_PER_FRAME / SAMPLE_RATE
 """Playing time of one frame (85.3 ms)."""
 
+CONTEXT_COST_FRAMES = 4
+"""What a window's context costs to decode, in frames: the decoder cuts it to SNAC's
+receptive field, about 2.3 frames each side. A one-frame chunk costs as much as five
+frames, an eight-frame chunk as much as twelve: small chunks are expensive."""
+
 # The generation speed is measured once this many frames have arrived after the first
 # (by the third frame: when the shipped first chunk can be cut); before that,
 # ``ramp_speed`` stands in for it.
@@ -283,13 +288,17 @@ class Chunker:
         *,
         now: float | None = None,
         due: float | None = None,
+        decode_cost: float = 0.0,
     ) -> list[ChunkPlan]:
         """Add frames (in order) and return the chunks that are now ready, in order.
 
         ``now`` is when they arrived and ``due`` when the first frame not yet planned must
         start playing (seconds on any one clock). With both, chunks are cut by deadline
         and measured speed (see the module docstring); without, by the fixed ramp.
-        ``feed([], now=, due=)`` re-plans at a later time with no new frames.
+        ``decode_cost`` is what decoding costs, in seconds per frame of a window (as the
+        decoder measures it; a chunk of n frames costs about ``n + CONTEXT_COST_FRAMES``
+        of them): a larger chunk takes longer to decode, so it must be cut that much
+        sooner. ``feed([], now=, due=)`` re-plans later with no new frames.
         """
         if self._ended:
             raise DecoderError("frames fed after the segment ended")
@@ -303,21 +312,33 @@ class Chunker:
         while True:
             # `due` is the deadline of frame `base`; later frames play after it.
             due_k = None if due is None else due + (self._next - base) * FRAME_SECONDS
-            size = self._next_size(now, due_k)
+            size = self._next_size(now, due_k, decode_cost)
             if size == 0:
                 break
             out.append(self._plan(self._next + size, self._next + size + self._rc()))
         self._trim()
         return out
 
-    def cut_time(self, due: float) -> float | None:
+    def cut_time(self, due: float, decode_cost: float = 0.0) -> float | None:
         """The latest time at which the frames in hand must be cut into a chunk, if no
         more arrive (a stalled upstream), for the audio to be ready by ``due``; None when
         no chunk can be cut from them."""
         k = self._chunks
-        if self._ended or self._received - self._next - self._rc() < self._min_size(k):
+        can = self._received - self._next - self._rc()
+        least = self._min_size(k) if k == 0 else max(1, self._keep_up(decode_cost))
+        if self._ended or can < least:
             return None
-        return due - self._wait_cost()
+        return due - self._slack(decode_cost) - decode_cost * (can + CONTEXT_COST_FRAMES)
+
+    def _keep_up(self, cost: float) -> int:
+        """The fewest frames a chunk may keep for decoding to keep up with playback: a
+        chunk of n frames takes ``cost * (n + CONTEXT_COST_FRAMES)`` to decode and plays
+        for n frame times, so on a slow decoder one-frame chunks would fall further
+        behind with every chunk (better one late chunk than all of them)."""
+        full = self.policy.chunk_frames
+        if cost >= FRAME_SECONDS:
+            return full
+        return min(full, math.ceil(cost * CONTEXT_COST_FRAMES / (FRAME_SECONDS - cost)))
 
     # -- planning ------------------------------------------------------------------------
 
@@ -338,13 +359,14 @@ class Chunker:
             # Frames that arrive together (one read) are as fast as it gets.
             self._speed = frames * FRAME_SECONDS / elapsed if elapsed > 0 else math.inf
 
-    def _wait_cost(self) -> float:
-        """Seconds that waiting for one more frame costs, plus the decode-and-deliver slack
-        the chunk must keep."""
-        speed = self._speed if self._speed is not None else self.policy.ramp_speed
-        return FRAME_SECONDS / speed + self.policy.ramp_slack_frames * FRAME_SECONDS
+    def _slack(self, cost: float) -> float:
+        """Seconds each chunk keeps besides its own decode: for delivery
+        (``ramp_slack_frames``), and for one full window of another segment that the
+        decoder may have just started (a pass cannot be interrupted)."""
+        full_window = cost * (self.policy.chunk_frames + CONTEXT_COST_FRAMES)
+        return self.policy.ramp_slack_frames * FRAME_SECONDS + full_window
 
-    def _next_size(self, now: float | None, due: float | None) -> int:
+    def _next_size(self, now: float | None, due: float | None, cost: float) -> int:
         """Frames the next chunk keeps if it is cut now; 0 to wait for more."""
         k = self._chunks
         can = self._received - self._next - self._rc()  # frames a chunk could keep now
@@ -353,12 +375,22 @@ class Chunker:
             return size if can >= size else 0
         if can < self._min_size(k) or (k == 0 and not self._first_release_ok()):
             return 0
-        if can >= self.policy.chunk_frames:
-            return self.policy.chunk_frames
-        if now + self._wait_cost() <= due:
-            return 0  # one more frame still arrives in time: a larger, cheaper chunk
-        # The first audio of a segment: the smallest chunk decodes soonest.
-        return self.policy.first_chunk_frames if k == 0 else can
+        full = self.policy.chunk_frames
+        speed = self._speed if self._speed is not None else self.policy.ramp_speed
+        decode = cost * (can + 1 + CONTEXT_COST_FRAMES)  # of the chunk one frame later
+        if now + FRAME_SECONDS / speed + decode + self._slack(cost) <= due:
+            # Not pressed: wait for one more frame (a larger, cheaper chunk), up to full.
+            return full if can >= full else 0
+        if k == 0:
+            return self.policy.first_chunk_frames  # the smallest decodes soonest
+        # As many frames as can still be decoded by the deadline, and at least as many as
+        # keep up with playback.
+        keep_up = self._keep_up(cost)
+        if can < keep_up:
+            return 0
+        budget = due - now - self._slack(cost)
+        fit = math.floor(budget / cost) - CONTEXT_COST_FRAMES if cost > 0 else full
+        return max(1, min(can, full, max(fit, keep_up)))
 
     def _first_release_ok(self) -> bool:
         """Slower than real time, a segment runs dry once it starts playing unless enough

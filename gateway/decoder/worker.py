@@ -39,7 +39,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from gateway.clock import Clock, monotonic
-from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy
+from gateway.core.chunker import (
+    CONTEXT_COST_FRAMES,
+    FRAME_SECONDS,
+    Chunker,
+    ChunkPlan,
+    ChunkPolicy,
+)
 from gateway.errors import BufferOverflowError, DecoderError, GatewayError, ModelLoadError
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -49,6 +55,10 @@ Deadline = Callable[[], float] | float | None
 
 _URGENT_S = 0.3
 """A window due within this many seconds is urgent (see ``DecodeWorker._select``)."""
+
+_CPU_COST = 0.012
+_GPU_COST = 0.001
+_COST_WEIGHT = 0.1  # of each pass in the moving average
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, math.inf)
 QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
@@ -177,10 +187,17 @@ class DecodeWorker:
         self._max_wait = float(settings.max_wait_ms) / 1000.0
         self._queue_size = int(settings.queue_size)
         self._hold = float(settings.urgent_hold_ms) / 1000.0
+        self._ahead = float(getattr(settings, "decode_ahead_ms", 0.0)) / 1000.0
+        # Decode seconds per window frame (see chunker.CONTEXT_COST_FRAMES), a moving
+        # average over passes: written by the worker thread, read on the loop to size
+        # chunks. Until measured: about what one CPU core takes, or a GPU's batched cost.
+        self.decode_cost = _CPU_COST if self._engine.max_stack == 1 else _GPU_COST
         self._urgent_done = -math.inf  # time.monotonic() when the last urgent pass ended
         self._picked_urgent = False
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
+        # Stream id -> when it will cut its next chunk at the latest (under self._cond).
+        self._reserved: dict[int, float] = {}
         self._streams: set[DecodeStream] = set()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -269,6 +286,7 @@ class DecodeWorker:
         deadline: Deadline = None,
         plan_by_deadline: bool = False,
         expected_frames: int | None = None,
+        paced: bool = False,
     ) -> DecodeStream:
         """Open the stream of one segment. Call from the event loop.
 
@@ -283,7 +301,9 @@ class DecodeWorker:
         ramp cuts the chunks and a callable deadline is evaluated in the worker thread, so
         it must be cheap and thread-safe. ``expected_frames`` (an estimate of the
         segment's length) lets a segment generated slower than real time hold its first
-        release until it can play through.
+        release until it can play through. A ``paced`` stream's audio is played as it
+        arrives (a WebSocket session, not a file download): on CPU its windows are decoded
+        at most ``decode_ahead_ms`` before they play.
         """
         if self._stopping:
             raise DecoderError("the decoder is stopped", transient=True)
@@ -296,6 +316,7 @@ class DecodeWorker:
             loop=asyncio.get_running_loop(),
             plan_by_deadline=plan_by_deadline,
             expected_frames=expected_frames,
+            paced=paced,
         )
         self._streams.add(stream)
         return stream
@@ -363,8 +384,17 @@ class DecodeWorker:
             self._pending.extend(jobs)
             self._cond.notify()
 
+    def _reserve(self, stream: DecodeStream, at: float | None) -> None:
+        """From the loop: ``stream`` will need the decoder by ``at`` (None: no claim)."""
+        with self._cond:
+            if at is None:
+                self._reserved.pop(id(stream), None)
+            else:
+                self._reserved[id(stream)] = at
+
     def _withdraw(self, stream: DecodeStream) -> None:
         with self._cond:
+            self._reserved.pop(id(stream), None)
             keep = [j for j in self._pending if j.stream is not stream]
             dropped = len(self._pending) - len(keep)
             self._pending = keep
@@ -460,7 +490,18 @@ class DecodeWorker:
                 anchors[sid] = j.stream._anchor()
             deadline = anchors[sid] + j.plan.sample_offset / SAMPLE_RATE
             keys[id(j)] = (deadline, j.tie)
-        top = heapq.nsmallest(self._max_batch, self._pending, key=lambda j: keys[id(j)])
+        now = self._clock()
+        eligible = self._pending
+        if self._ahead > 0 and self._engine.max_stack == 1:
+            # CPU: a paced stream's window is decoded at most decode_ahead_ms before it
+            # plays. Decoding further ahead saves nothing (the work is the same) but runs
+            # uninterruptible passes of far-ahead segments while a head segment is early
+            # in its ramp, and takes a core from everything else on the host in bursts.
+            horizon = now + self._ahead
+            eligible = [j for j in eligible if not j.stream.paced or keys[id(j)][0] <= horizon]
+            if not eligible:
+                return [], min(keys[id(j)][0] for j in self._pending) - horizon
+        top = heapq.nsmallest(self._max_batch, eligible, key=lambda j: keys[id(j)])
         # Urgent: due within _URGENT_S, i.e. a client close to running dry (a head segment
         # early in its ramp). A pass cannot be interrupted, and on CPU a far-ahead window
         # takes 40-170 ms: started in the gap between two urgent windows, it made the
@@ -469,10 +510,18 @@ class DecodeWorker:
         # pass, far-ahead work waits up to urgent_hold_ms for the next urgent window;
         # once no client is close to running dry it runs as before. GPU passes are short
         # and stacked, so this applies only to one-window passes.
-        urgent = keys[id(top[0])][0] <= self._clock() + _URGENT_S
+        urgent = keys[id(top[0])][0] <= now + _URGENT_S
         self._picked_urgent = urgent
-        if not urgent and self._hold > 0 and self._engine.max_stack == 1:
-            hold = self._urgent_done + self._hold - time.monotonic()
+        if not urgent and self._engine.max_stack == 1:
+            hold = self._urgent_done + self._hold - time.monotonic() if self._hold > 0 else 0.0
+            # A stream that will cut its next chunk soon has reserved the decoder from
+            # then on: a far-ahead pass that would still be running then waits, and the
+            # head's chunk does not queue behind 100-300 ms of work that could wait.
+            if self._reserved:
+                soonest = min(self._reserved.values())
+                units = top[0].plan.end - top[0].plan.start + CONTEXT_COST_FRAMES
+                if now + self.decode_cost * units > soonest:
+                    hold = max(hold, min(soonest - now, self._hold or _URGENT_S))
             if hold > 0:
                 return [], hold
         group = top[0].group
@@ -496,6 +545,19 @@ class DecodeWorker:
             outs = self._decode_one_by_one(batch, exc)
         t1 = self._clock()
         audio = sum(j.plan.samples for j in batch) / SAMPLE_RATE
+        # Per window frame of the pass: stacked windows are decoded together, so the
+        # pass costs what its largest window does.
+        units = max(j.plan.end - j.plan.start for j in batch) + CONTEXT_COST_FRAMES
+        cost = max(0.0, t1 - t0) / units
+        self.decode_cost += _COST_WEIGHT * (cost - self.decode_cost)
+        if log.isEnabledFor(logging.DEBUG):
+            for j in batch:
+                due = j.stream._anchor() + j.plan.sample_offset / SAMPLE_RATE
+                log.debug(
+                    "decoded %s/%s chunk %d (%d frames) in %.0f ms, %.0f ms before it plays",
+                    j.stream.session_id, j.stream.seq, j.plan.index, j.plan.end - j.plan.start,
+                    (t1 - t0) * 1000, (due - t1) * 1000,
+                )  # fmt: skip
         with self._stats_lock:
             self._batches += 1
             self._jobs += len(batch)
@@ -566,8 +628,10 @@ class DecodeStream:
         loop: asyncio.AbstractEventLoop,
         plan_by_deadline: bool = False,
         expected_frames: int | None = None,
+        paced: bool = False,
     ) -> None:
         self._worker = worker
+        self.paced = paced
         self.session_id = session_id
         self.turn = turn
         self.seq = seq
@@ -618,14 +682,26 @@ class DecodeStream:
         anchor = self._eval_deadline()
         self._anchor_value = anchor
         ch = self._chunker
-        plans = ch.feed(frames, now=now, due=anchor + ch.planned_frames * FRAME_SECONDS)
+        cost = self._worker.decode_cost
+        due = anchor + ch.planned_frames * FRAME_SECONDS
+        plans = ch.feed(frames, now=now, due=due, decode_cost=cost)
         self._queue(plans)
         # If no more frames come (a stalled upstream), cut what is in hand in time anyway.
         self._disarm()
-        cut = ch.cut_time(anchor + ch.planned_frames * FRAME_SECONDS)
-        if cut is not None:
-            self._timer = self._loop.call_later(max(0.0, cut - now), self._replan)
+        cut = ch.cut_time(anchor + ch.planned_frames * FRAME_SECONDS, cost)
+        if cut is not None and cut > now:  # past it, cutting now was already weighed
+            self._timer = self._loop.call_later(cut - now, self._replan)
+        if self.paced:
+            self._worker._reserve(self, cut)
         return len(plans)
+
+    def refresh(self) -> None:
+        """Re-read the deadline (on the loop) after it may have moved: audio was sent, a
+        segment before this one grew or ended. The worker sees the new value at its next
+        pick; without this a far-ahead stream that has all its frames would keep the
+        deadline of its last frame's arrival."""
+        if self._by_deadline and not self._closed:
+            self._anchor_value = self._eval_deadline()
 
     def _replan(self) -> None:
         self._timer = None
@@ -646,6 +722,7 @@ class DecodeStream:
         if self._cancelled or self._error is not None or self._total is not None:
             return 0
         self._disarm()
+        self._worker._reserve(self, None)
         plans = self._chunker.flush()
         self._total = self._chunker.chunks
         self._queue(plans)

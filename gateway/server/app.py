@@ -134,6 +134,7 @@ class Gateway:
         self, session_id: str, on_output: Callable[[list[Outgoing]], None],
         on_cancel: Callable[[int], None] = lambda e: None,
         may_start: Callable[[], bool] = lambda: True,
+        paced: bool = True,
     ) -> SessionEngine:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
@@ -151,6 +152,7 @@ class Gateway:
             on_cancel=on_cancel,
             on_metrics=self._observe,
             may_start=may_start,
+            paced=paced,
         )
 
 

@@ -26,7 +26,7 @@ from gateway.core.protocol import (
 )
 from gateway.errors import ErrorCode, GatewayError
 from gateway.llm import ChatLLM
-from gateway.vocab import SAMPLE_RATE, AudioChunk, SegmentEnd, SegmentFailed
+from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME, AudioChunk, SegmentEnd, SegmentFailed
 
 log = logging.getLogger("voicegw.session")
 
@@ -52,6 +52,13 @@ class SegmentSink(Protocol):
     def audio(self, pcm: bytes) -> None:
         """The next PCM chunk (s16le). Raises BufferOverflowError if it cannot be held."""
 
+    def frames(self, n: int) -> None:
+        """``n`` more of this segment's frames arrived from the upstream (not decoded yet)."""
+
+    def watch(self, refresh: Callable[[], None]) -> None:
+        """Call ``refresh`` (on the event loop) whenever this segment's deadline may have
+        moved, so that whoever caches it reads it again."""
+
     def restart(self) -> bool:
         """Before a retry: drop this segment's audio so far. False if some of it already
         went toward the client; the synthesizer must then fail instead of retrying."""
@@ -63,6 +70,10 @@ class SegmentSink(Protocol):
     def audio_sent(self) -> bool:
         """Some of this segment's audio has been released toward the client."""
 
+    @property
+    def paced(self) -> bool:
+        """The client plays this audio as it arrives (rather than downloading it)."""
+
 
 class Synthesizer(Protocol):
     async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
@@ -71,21 +82,30 @@ class Synthesizer(Protocol):
 
 
 class _Sink:
-    __slots__ = ("_act", "_engine", "chunks", "finished", "samples")
+    __slots__ = ("_act", "_engine", "chunks", "finished", "received", "refresh", "samples")
 
     def __init__(self, engine: SessionEngine, act: StartSegment) -> None:
         self._engine = engine
         self._act = act
         self.chunks = 0
         self.samples = 0  # this segment's audio handed to the protocol
+        self.received = 0  # frames that arrived from the upstream
         self.finished = False  # all of its audio was handed over (or it failed)
+        self.refresh: Callable[[], None] = lambda: None
 
     def seconds_at_least(self) -> float:
-        """A lower bound of this segment's whole audio, in seconds."""
-        known = self.samples / SAMPLE_RATE
+        """A lower bound of this segment's whole audio, in seconds: what it has (decoded
+        or not), or while it is still arriving, what its text takes at least."""
+        known = max(self.samples / SAMPLE_RATE, self.received * SAMPLES_PER_FRAME / SAMPLE_RATE)
         if self.finished:
-            return known
+            return self.samples / SAMPLE_RATE
         return max(known, len(self._act.text) * MIN_SECONDS_PER_CHAR)
+
+    def frames(self, n: int) -> None:
+        self.received += n
+
+    def watch(self, refresh: Callable[[], None]) -> None:
+        self.refresh = refresh
 
     def audio(self, pcm: bytes) -> None:
         a = self._act
@@ -98,11 +118,16 @@ class _Sink:
         if self._engine.protocol.retract(self._act.epoch, self._act.seq):
             self.chunks = 0
             self.samples = 0
+            self.received = 0
             return True
         return False
 
     def deadline(self) -> float:
         return self._engine.deadline(self._act.seq, self.samples)
+
+    @property
+    def paced(self) -> bool:
+        return self._engine.paced
 
     @property
     def audio_sent(self) -> bool:
@@ -128,8 +153,10 @@ class SessionEngine:
         on_close: Callable[[int, str], None] = lambda code, reason: None,
         on_metrics: Callable[[SessionProtocol], None] = lambda p: None,
         may_start: Callable[[], bool] = lambda: True,
+        paced: bool = True,
     ) -> None:
         self.protocol = protocol
+        self.paced = paced  # its client plays the audio as it arrives
         self._synth = synth
         self._chat = chat
         self._max_inflight = max_inflight
@@ -222,6 +249,9 @@ class SessionEngine:
             head = self.protocol.head_seq
             for seq in [q for q in self._sinks if q < head]:
                 del self._sinks[seq]
+            # Audio went out or a segment moved on: every deadline may have moved.
+            for sink in list(self._sinks.values()):
+                sink.refresh()
             self._on_metrics(self.protocol)
         finally:
             self._pumping = False

@@ -31,14 +31,17 @@ class Pipeline:
         self.worker = worker
 
     def _open(self, job: SegmentJob, sink: SegmentSink) -> Any:
-        return self.worker.open_stream(
+        stream = self.worker.open_stream(
             session_id=job.session_id,
             turn=job.epoch,
             seq=job.seq,
             deadline=sink.deadline,
             plan_by_deadline=True,
             expected_frames=round(len(job.text) * FRAMES_PER_CHAR),
+            paced=sink.paced,
         )
+        sink.watch(stream.refresh)
+        return stream
 
     async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
         p = job.params
@@ -78,6 +81,7 @@ class Pipeline:
                             continue
                         if consumer.done():
                             consumer.result()  # a decoder failure ends the segment now
+                        sink.frames(len(ev.frames))
                         stream.push(list(ev.frames))
                         pushed += len(ev.frames)
             except GatewayError:

@@ -255,8 +255,13 @@ async def _run(
     gw.metrics.sessions_total.inc()
     gw.metrics.sessions_active.inc()
     try:
+        # Not paced: an HTTP client may be saving a file; it gets audio as fast as the
+        # decoder can make it, in deadline order with everyone else.
         engine = gw.new_engine(
-            session_id, outbox.put, may_start=lambda: outbox.queued_bytes < high_water
+            session_id,
+            outbox.put,
+            may_start=lambda: outbox.queued_bytes < high_water,
+            paced=False,
         )
         gw.engines.add(engine)
         try:

@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import DecoderSettings
-from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy, check_frame
+from gateway.core.chunker import (
+    CONTEXT_COST_FRAMES,
+    FRAME_SECONDS,
+    Chunker,
+    ChunkPlan,
+    ChunkPolicy,
+    check_frame,
+)
 from gateway.errors import DecoderError
 from gateway.vocab import SAMPLES_PER_FRAME, Frame
 
@@ -261,7 +268,7 @@ def test_plans_do_not_depend_on_how_frames_arrive(
 # -- cutting by deadline and measured speed ----------------------------------------------
 
 F = FRAME_SECONDS
-DECODE = 1.0 * F  # decode and delivery of a chunk, within the policy's 1.5 frames of slack
+COST = 0.012  # decode seconds per window frame: one CPU core (see CONTEXT_COST_FRAMES)
 TARGET = 0.1  # the player starts once this much audio is queued (the page's first target)
 
 
@@ -272,6 +279,7 @@ def simulate(
     *,
     lead: float | None = None,
     expected: int | None = None,
+    cost: float = COST,
 ) -> tuple[list[ChunkPlan], list[float], list[float]]:
     """A segment generated at ``speed`` (frames arriving one by one), cut with the
     deadlines the gateway gives: playback from its first audio, or ``lead`` seconds after
@@ -288,16 +296,23 @@ def simulate(
             return now  # the client is waiting for this segment's first audio
         return first + ch.planned_frames * F
 
+    free = 0.0  # when the (one) decoder is free: chunks decode one after another
+
+    def decode(p: ChunkPlan, now: float) -> float:
+        nonlocal free
+        free = max(free, now) + cost * (p.end - p.start + CONTEXT_COST_FRAMES)
+        return free
+
     for i in range(total):
         now = (i + 1) * F / speed
-        for p in ch.feed([frame(i)], now=now, due=due(now)):
+        for p in ch.feed([frame(i)], now=now, due=due(now), decode_cost=cost):
             plans.append(p)
-            ready.append(now + DECODE)
+            ready.append(decode(p, now))
             if first is None:
-                first = now + DECODE
+                first = ready[-1]
     for p in ch.flush():
         plans.append(p)
-        ready.append(total * F / speed + DECODE)
+        ready.append(decode(p, total * F / speed))
     if lead is None:  # the client starts once TARGET is queued
         queued = 0.0
         for p, r in zip(plans, ready, strict=True):
@@ -311,10 +326,12 @@ def simulate(
     return plans, ready, needed
 
 
+@pytest.mark.parametrize("cost", [0.0, COST, 2 * COST])
 @pytest.mark.parametrize("speed", [1.2, 1.5, 2.0, 3.0])
-def test_a_head_segment_cut_by_deadline_plays_without_a_gap(speed: float) -> None:
+def test_a_head_segment_cut_by_deadline_plays_without_a_gap(speed: float, cost: float) -> None:
+    # On an idle decoder, on one CPU core, and on a core shared with a browser.
     p = ChunkPolicy()
-    plans, ready, needed = simulate(p, 200, speed)
+    plans, ready, needed = simulate(p, 200, speed, cost=cost)
     assert all(r <= n + 1e-9 for r, n in zip(ready, needed, strict=True)), (speed, plans)
     sizes = [pl.end - pl.start for pl in plans]
     assert sizes[0] == p.first_chunk_frames

@@ -145,7 +145,16 @@ def serve_gateway(config: dict[str, Any], workdir: Path) -> Iterator[str]:
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(config))
     port = config["gateway"]["server"]["port"]
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "--log-level",
+        os.environ.get("VOICEGW_TEST_LOG_LEVEL", "info"),
+        "serve",
+        "--config",
+        str(path),
+    ]
     url = f"http://127.0.0.1:{port}"
     with _process("gateway", cmd, url + "/readyz", workdir):
         yield url
