@@ -178,8 +178,26 @@ function onServerEvent(msg, segBytes) {
   renderControls();
 }
 
+// What a demo gateway simulates, as the page says it.
+const SIMULATED = {
+  upstream: "simulated upstream",
+  chat: "simulated chat LLM",
+  snac_weights: "random SNAC weights",
+};
+
 function onReady(msg) {
   chatEnabled = !!msg.chat;
+  const simulated = Array.isArray(msg.simulated) ? msg.simulated : [];
+  $("demo-note").hidden = !msg.demo && simulated.length === 0;
+  if (!$("demo-note").hidden) {
+    const parts = simulated.filter((s) => s !== "chat").map((s) => SIMULATED[s] || s);
+    const noise = simulated.includes("snac_weights") ? ": noise by design" : "";
+    $("demo-text").textContent = (parts.join(", ") || "demo mode") + noise;
+    $("demo-note").title =
+      "This gateway runs in demo mode: " +
+      simulated.map((s) => SIMULATED[s] || s).join(", ") +
+      ". Nothing here is Orpheus speaking.";
+  }
   const select = $("voice");
   const voices = msg.voices && msg.voices.length ? msg.voices : [msg.voice];
   select.replaceChildren(

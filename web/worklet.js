@@ -31,8 +31,9 @@
 // `target` is queued. It starts small (`minTargetMs`, 100 ms: first audio as early as the
 // gateway can keep it going) and adapts to what this client actually sees:
 //   - an underrun raises it, at once, by half of itself (at least RAISE_MIN_MS), and once
-//     the underrun is over to at least the old target plus the gap's length, so the same
-//     stall would not run dry again; never above `maxTargetMs` (600 ms);
+//     the underrun is over to at least the wait between the two arrivals that ran dry
+//     (what was queued at the last arrival plus the gap), so the same stall would play
+//     through; never above `maxTargetMs` (600 ms);
 //   - a turn whose low-water mark came within NEAR_MS of running dry raises it by
 //     NEAR_RAISE_MS for the next turns: the warning before an underrun;
 //   - after DECAY_AFTER_S of audio played without an underrun it falls by DECAY_MS, and
@@ -66,7 +67,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.maxTarget = Math.max(this.minTarget, ms(opts.maxTargetMs ?? 600));
     this.target = this.minTarget; // source samples queued before playback (re)starts
     this.targetMax = this.target; // the highest target of this session
-    this.targetBefore = this.target; // the target when the current underrun began
+    this.arrivalLevel = 0; // source samples queued right after the latest PCM arrived
+    this.stallLevel = 0; // arrivalLevel when the current underrun began
+    this.gapKnown = false; // PCM has arrived since the current underrun began
     this.healthySince = 0; // `played` at the last raise or decay
 
     // Ring buffer of float samples. Positions are absolute sample counts (JS numbers are
@@ -112,6 +115,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.lowWater = Infinity;
     this.lowWaterAt = 0; // where in the turn (source samples played) it happened
     this.turnPlayed0 = 0; // `played` when the turn started
+    this.turnUnderruns0 = 0; // `underruns` when the turn started
     this.frame = 0; // output frames rendered since start
     this.lastAudibleTime = -1; // context time of the last output frame above AUDIBLE
     this.peak = 0;
@@ -210,6 +214,17 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     const mask = this.mask;
     for (let i = 0; i < n; i++) ring[w++ & mask] = pcm[i] / 32768;
     this.written = w;
+    if (this.underrunStart >= 0 && !this.gapKnown) {
+      // The first PCM after running dry: what ran dry was the wait between two arrivals.
+      // The queue held `stallLevel` when the last PCM came, and this came `gap` after it
+      // ran out; queued that deep, the same wait would have played through. Raised now,
+      // before the rebuffer that follows it.
+      this.gapKnown = true;
+      const gap = Math.round(((this.frame - this.underrunStart) / sampleRate) * SOURCE_RATE);
+      const needed = this.stallLevel + Math.max(0, gap);
+      if (needed > this.target) this.setTarget(needed, "gap");
+    }
+    this.arrivalLevel = this.written - this.read;
   }
 
   ensureCapacity(need) {
@@ -276,6 +291,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
       // A new turn, not a resume after an underrun.
       this.lowWater = Infinity;
       this.turnPlayed0 = this.played;
+      this.turnUnderruns0 = this.underruns;
     }
     // Reported so the page (and the tests) can see the prebuffer actually held.
     this.port.postMessage({
@@ -298,9 +314,6 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.underrunFrames += frames;
     this.underrunStart = -1;
     this.port.postMessage({ type: "underrunend", ms: (frames / sampleRate) * 1000 });
-    // The same stall again should find the gap's length queued on top of the old target.
-    const gap = Math.round((frames / sampleRate) * SOURCE_RATE);
-    if (this.targetBefore + gap > this.target) this.setTarget(this.targetBefore + gap, "gap");
   }
 
   // ---- playout target ---------------------------------------------------------------
@@ -337,7 +350,8 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.underruns++;
     this.underrunStart = this.frame + frameInQuantum;
     this.port.postMessage({ type: "underrun", count: this.underruns, time: currentTime });
-    this.targetBefore = this.target;
+    this.stallLevel = this.arrivalLevel;
+    this.gapKnown = false;
     this.setTarget(this.target + Math.max(ms(RAISE_MIN_MS), this.target / 2), "underrun");
   }
 
@@ -467,7 +481,9 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
         this.segmentsPlayed++;
         this.port.postMessage({ type: "segend", key: m.key, time: currentTime });
       } else {
-        if (Number.isFinite(this.lowWater) && this.lowWater < ms(NEAR_MS)) {
+        // A near miss (an underrun already raised the target for itself).
+        const missed = this.underruns > this.turnUnderruns0;
+        if (!missed && Number.isFinite(this.lowWater) && this.lowWater < ms(NEAR_MS)) {
           this.setTarget(this.target + ms(NEAR_RAISE_MS), "near");
         }
         this.port.postMessage({

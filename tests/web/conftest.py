@@ -198,6 +198,17 @@ def keyed_gateway_url(
 
 
 @pytest.fixture(scope="session")
+def demo_gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``voicegw serve --demo``, as a user starts it (its own fake vLLM child process,
+    seeded random SNAC weights when none are cached); yields its base URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "gateway", "serve", "--demo", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with _process("demo-gateway", cmd, url + "/readyz", tmp_path_factory.mktemp("demo")):
+        yield url
+
+
+@pytest.fixture(scope="session")
 def output_dir() -> Path:
     out = Path(os.environ.get("VOICEGW_TEST_OUTPUT", REPO_ROOT / "test-output")) / "web"
     out.mkdir(parents=True, exist_ok=True)

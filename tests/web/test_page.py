@@ -305,6 +305,10 @@ def test_paragraph_is_spoken_gap_free_with_playback_driven_highlight(
     assert_all_played(s)
     assert s["state"] == "idle"
     assert s["contextRate"] == 24000 and not s["resampling"]
+    # A gap-free turn leaves the playout target where it started, and this gateway is not
+    # a demo.
+    assert s["targetMs"] == s["targetMaxMs"] == 100
+    assert page.is_hidden("#demo-note")
 
     done = s["turnsDone"][0]
     assert done["turn"] == 0 and done["segments"] >= 2
@@ -454,6 +458,12 @@ def test_underruns_are_detected_reported_and_rebuffered(open_page: Any) -> None:
     assert s["samplesPlayed"] == s["samplesReceived"] == s["samplesAnnounced"]
     expect(page.locator("#stat-underruns")).to_have_text(str(s["underruns"]))
     expect(page.locator("#stat-underruns")).to_have_class(re.compile(r"\bbad\b"))
+    # The playout target rose at the first underrun (the trace is in the page's stats) and
+    # each later start rebuffered to the target in force.
+    log = s["targetLog"]
+    assert log and log[0]["reason"] == "underrun" and log[0]["targetMs"] > 100
+    assert s["targetMaxMs"] == max(t["targetMs"] for t in log) > 100
+    expect(page.locator("#stat-target")).to_have_text(re.compile(r"^target (?!100 ms)[\d,]+ ms"))
 
 
 @pytest.mark.parametrize("rate", [24000, 44100, 48000])
@@ -590,3 +600,106 @@ def test_transcript_aligns_normalised_segments_and_renders_tags(open_page: Any) 
     assert r["html"] == (
         'Ha <span class="tag" title="&lt;laugh&gt;">laugh</span> &amp; &lt;b&gt;bold&lt;/b&gt;'
     )
+
+
+# An induced stall, rendered offline (deterministic): PCM arrives in 170 ms chunks, each
+# one as the previous starts to play plus jitter, until the sender stalls for 500 ms (an
+# underrun) and, later, for 350 ms. The adaptive target must rise at the first stall, so
+# that the second finds enough queued: one underrun, not two. With
+# adaptation off (maxTargetMs = minTargetMs) the same arrivals underrun twice. After 10 s
+# of healthy playback the target comes down again.
+OFFLINE_STALL = """async ({adapt}) => {
+  const R = 24000, CHUNK = 4096, N = 90;
+  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R * 17, sampleRate: R});
+  await ctx.audioWorklet.addModule('/worklet.js');
+  const opts = adapt ? {minTargetMs: 100, maxTargetMs: 600} : {minTargetMs: 100, maxTargetMs: 100};
+  const node = new AudioWorkletNode(ctx, 'pcm-player', {
+    numberOfInputs: 0, outputChannelCount: [1], processorOptions: opts});
+  node.connect(ctx.destination);
+  const events = [], waiters = new Map();
+  let nextId = 1, last = null;
+  node.port.onmessage = ({data: m}) => {
+    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
+    else if (m.type === 'stats') last = m.stats;
+    else events.push(m);
+  };
+  const sync = () => new Promise(r => {
+    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
+  });
+  const chunk = (i) => {
+    const x = new Int16Array(CHUNK);
+    for (let k = 0; k < CHUNK; k++) {
+      x[k] = Math.round(8000 * Math.sin(2 * Math.PI * 220 * (i * CHUNK + k) / R));
+    }
+    return x.buffer;
+  };
+  // When chunk i arrives: two at once to start, then each as its predecessor begins
+  // playing (if there were no gap), up to 60 ms late; from chunk 6 on everything comes
+  // 500 ms later (the sender stalled), from chunk 30 on 350 ms later again.
+  const late = (i) => (i >= 6 ? 0.5 : 0) + (i >= 30 ? 0.35 : 0) + ((i * 37) % 7) * 0.01;
+  const at = (i) => i < 2 ? 0 : (i - 1) * CHUNK / R + late(i);
+  const times = new Map();
+  for (let i = 0; i < N; i++) {
+    const t = Math.round(at(i) * R / 128) * 128 / R;
+    if (!times.has(t)) times.set(t, []);
+    times.get(t).push(i);
+  }
+  const send = async (list) => {
+    for (const i of list) { const b = chunk(i); node.port.postMessage({type: 'pcm', buf: b}, [b]); }
+    if (list.includes(N - 1)) node.port.postMessage({type: 'end', turn: 0});
+    await sync();
+  };
+  await send(times.get(0));
+  for (const [t, list] of times) {
+    if (t === 0) continue;
+    ctx.suspend(t).then(async () => { await send(list); ctx.resume(); });
+  }
+  await ctx.startRendering();
+  await new Promise(r => setTimeout(r, 100));
+  return {stats: last, targets: events.filter(e => e.type === 'target'),
+          underruns: events.filter(e => e.type === 'underrun').map(e => e.time)};
+}"""
+
+
+def test_an_induced_stall_raises_the_target_so_the_next_stall_plays_through(
+    open_page: Any,
+) -> None:
+    page = open_page(wait_connected=False)
+    fixed = page.evaluate(OFFLINE_STALL, {"adapt": False})
+    r = page.evaluate(OFFLINE_STALL, {"adapt": True})
+    # The arrivals are the same; only the target's adaptation differs. A fixed 100 ms
+    # target runs dry at both stalls, and again after each (its rebuffer is too shallow
+    # for the jitter that follows).
+    assert fixed["stats"]["underruns"] >= 2, fixed
+    assert any(t > 5 for t in fixed["underruns"])
+    s = r["stats"]
+    assert s["underruns"] == 1, r
+    assert s["samplesPlayed"] == s["samplesReceived"] == 90 * 4096
+    # The trace: raised at the underrun, raised to cover the gap once it was over, and
+    # lowered again only after 10 s of healthy playback, in 20 ms steps.
+    reasons = [t["reason"] for t in r["targets"]]
+    assert reasons == ["underrun", "gap", "decay"], r["targets"]
+    # Raised to the wait that ran dry: the 500 ms stall less the 170 ms that was queued
+    # (then the rest of the gap to the next arrival), rebuffered before playing on.
+    raised = r["targets"][1]["targetMs"]
+    assert 450 <= raised <= 600
+    assert s["targetMaxMs"] == raised
+    decays = [t for t in r["targets"] if t["reason"] == "decay"]
+    assert decays and decays[0]["time"] - r["underruns"][0] >= 10
+    assert decays[0]["targetMs"] == pytest.approx(raised - 20, abs=0.1)
+    assert s["targetMs"] < raised
+
+
+def test_a_demo_gateway_says_so_on_the_page(
+    open_page: Any, demo_gateway_url: str, output_dir: Path
+) -> None:
+    page = open_page(base=demo_gateway_url)
+    ready = next(e for e in page.evaluate("voicegw.events") if e["type"] == "session.ready")
+    assert ready["demo"] is True and "upstream" in ready["simulated"]
+    note = page.locator("#demo-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("Demo")
+    expect(note).to_contain_text("simulated upstream")
+    if "snac_weights" in ready["simulated"]:
+        expect(note).to_contain_text("noise by design")
+    page.screenshot(path=str(output_dir / "voice-chat-demo.png"))
