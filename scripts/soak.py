@@ -233,11 +233,19 @@ async def protocol_violation(port: int, rng: random.Random, tally: Tally) -> Non
 
 
 async def worker(
-    k: int, ws_url: str, http: httpx.AsyncClient, until: float, tally: Tally, seed: int, port: int
+    k: int,
+    ws_url: str,
+    http: httpx.AsyncClient,
+    until: float,
+    tally: Tally,
+    ns: argparse.Namespace,
+    port: int,
 ) -> None:
-    rng = random.Random(f"{seed}|{k}")
+    rng = random.Random(f"{ns.seed}|{k}")
+    mix = [(b, w) for b, w in zip(BEHAVIOURS, WEIGHTS, strict=True) if b in ns.behaviours]
+    names, weights = [b for b, _ in mix], [w for _, w in mix]
     while time.monotonic() < until:
-        behaviour = rng.choices(BEHAVIOURS, WEIGHTS)[0]
+        behaviour = rng.choices(names, weights)[0]
         tally.by_behaviour[behaviour] += 1
         try:
             if behaviour == "speech_abandon":
@@ -392,7 +400,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                 probe = asyncio.create_task(warm_then_measure())
                 sampler = asyncio.create_task(sample_rss())
                 workers = [
-                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns.seed, gport))
+                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns, gport))
                     for k in range(ns.concurrency)
                 ]
                 await asyncio.gather(*workers)
@@ -452,6 +460,7 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "sessions_after_warmup": after,
         "rss_growth_mb_per_1000_sessions": round(growth, 3),
         "rss_samples": len(samples),
+        "rss_mb_by_sessions": [[n, round(mb, 2)] for n, mb in samples],
         "fake_upstream": {
             k: fake_stats.get(k)
             for k in ("requests", "completed", "cancelled", "aborted", "active", "faults")
@@ -472,8 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fd-slack", type=int, default=16)
     p.add_argument("--max-rss-growth-mb-per-1000", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--behaviours",
+        type=lambda v: [b for b in v.split(",") if b],
+        default=list(BEHAVIOURS),
+        help=f"comma-separated subset of the mix (to find what a leak comes with): {BEHAVIOURS}",
+    )
     p.add_argument("--json", type=Path, help="also write the report here")
     ns = p.parse_args(argv)
+    if unknown := set(ns.behaviours) - set(BEHAVIOURS):
+        p.error(f"unknown behaviours: {sorted(unknown)}")
     report = asyncio.run(amain(ns))
     text = json.dumps(report, indent=2)
     print(text)

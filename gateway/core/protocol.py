@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from gateway.core.codec import VOICES, resolve_voice
+from gateway.core.codec import VOICES, neutralize_control_tokens, resolve_voice
 from gateway.core.reorder import ReorderBuffer
 from gateway.core.segmenter import Segmenter, SegmenterOptions
 from gateway.errors import BufferOverflowError, ErrorCode, GatewayError, ProtocolError
@@ -531,7 +531,10 @@ class SessionProtocol:
         self._m_errors[code] = self._m_errors.get(code, 0) + 1
 
     def _remember(self, role: str, content: str) -> None:
-        self._history.append((role, content))
+        # History goes to the chat LLM as message content, and a chat template is rendered
+        # to text that vLLM tokenizes with its special tokens parsed: a literal
+        # <|eot_id|><|start_header_id|>system... would forge a turn. Text is data there too.
+        self._history.append((role, neutralize_control_tokens(content)))
         excess = len(self._history) - self.options.max_history_messages
         if excess > 0:
             del self._history[:excess]

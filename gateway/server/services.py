@@ -193,10 +193,13 @@ async def real_services(
     *,
     model: Any = None,
     demo: DemoWiring | None = None,
+    engine: Any = None,
 ) -> AsyncIterator[Services]:
     """``model``: an already loaded SNAC model (``run_server`` loads it before the server
     starts, so that a missing model is one line, not a lifespan traceback); ``demo``: the
-    fake vLLM that ``run_server`` started and pointed ``settings`` at."""
+    fake vLLM that ``run_server`` started and pointed ``settings`` at; ``engine``: the
+    decode worker's window engine instead of SNAC on ``model`` (tests whose point is the
+    flow, not the audio)."""
     from gateway.decoder.snac_model import load_snac
     from gateway.decoder.worker import DecodeWorker
     from gateway.upstream.pool import UpstreamPool
@@ -219,7 +222,9 @@ async def real_services(
             metrics.decode_batch.observe(windows)
             metrics.decode_seconds.observe(seconds)
 
-        worker = DecodeWorker(model, settings.gateway.decoder, on_batch=observe_batch)
+        worker = DecodeWorker(
+            model, settings.gateway.decoder, engine=engine, on_batch=observe_batch
+        )
         await worker.start()
         stack.push_async_callback(worker.stop)
         pool = UpstreamPool(vllm, on_request_done=lambda st: _observe_request(metrics, st))

@@ -1,11 +1,12 @@
 """``POST /v1/audio/speech``: OpenAI-compatible speech, streamed as it is produced.
 
 One request is one session: it holds a session slot and drives one SessionEngine, both
-owned by :func:`speech`. Two tasks run the response: the sender (engine output to the
-client) and a watcher that waits for ``http.disconnect``. Whichever ends first ends the
-request, and the engine is closed (its upstream streams and decode jobs cancelled) and the
-slot released in a ``finally``, so an aborted download, a server shutdown or a bug all
-free the same things; nothing waits for an async generator to be garbage-collected.
+owned by :func:`speech`. Three tasks run the response: the sender (engine output to the
+client), a watcher that waits for ``http.disconnect`` and a ticker (segments paced by
+the rate limit). Whichever ends first ends the request, and the engine is closed (its
+upstream streams and decode jobs cancelled) and the slot released in a ``finally``, so an
+aborted download, a server shutdown or a bug all free the same things; nothing waits for
+an async generator to be garbage-collected.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ BYTES_PER_SECOND = SAMPLE_RATE * 2
 # ride out a reader's hiccups, and what a slow reader costs the gateway (plus the audio of
 # the segments already running, at most max_inflight_segments of them).
 HIGH_WATER_BYTES = 10 * BYTES_PER_SECOND
+# As the WebSocket runner's ticker: segments held back by the rate limit start only when
+# time passes (protocol.tick()), not when anything else happens.
+TICK_INTERVAL_S = 0.1
 
 
 def openai_error(
@@ -275,12 +279,20 @@ async def _run(
                 while (await receive())["type"] != "http.disconnect":
                     pass
 
+            async def ticker() -> None:
+                # Without it a long input stalls once the rate limit's burst is spent.
+                while True:
+                    await asyncio.sleep(TICK_INTERVAL_S)
+                    p.tick()
+                    engine.pump()
+
             tasks = [
                 asyncio.create_task(
                     _respond(req, outbox, engine.pump, send, lim.slow_client_timeout_ms / 1000),
                     name=f"speech-send-{session_id}",
                 ),
                 asyncio.create_task(disconnected(), name=f"speech-watch-{session_id}"),
+                asyncio.create_task(ticker(), name=f"speech-tick-{session_id}"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

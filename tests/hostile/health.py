@@ -8,7 +8,7 @@ then waits (bounded) until the gateway is back to it:
 * no engine task, no upstream request in flight or waiting, no decode job queued; the
   fake vLLM has no open stream and no waiting request;
 * event-loop tasks and threads back to the baseline; descriptors back to the baseline
-  apart from upstream keep-alive connections (counted at the fake's end);
+  apart from the upstream keep-alive pool, which stays within its ceiling;
 * no traceback in the gateway's log;
 * a normal session afterwards is exact (every segment's PCM is the decode of the codes the
   fake sent, and the samples announced are the samples received) and gap-free (every
@@ -41,6 +41,7 @@ from tests.hostile.stack import (
     KEY_B,
     MAX_PER_KEY,
     MAX_TOKENS,
+    UPSTREAM_SLOTS,
     Stack,
 )
 
@@ -81,12 +82,14 @@ class Snapshot:
     threads: int
     fake_active: int
     fake_waiting: int
-    fake_connections: int
+    upstream_sockets: int
+    """The gateway's sockets to the fake vLLM, in any state: its keep-alive pool."""
 
     @property
     def own_fds(self) -> int:
-        """Descriptors less the upstream keep-alive connections, which the pool may keep."""
-        return self.fds - self.fake_connections
+        """Descriptors less the upstream keep-alive pool, which may keep sockets (up to its
+        ceiling, checked apart) and notices only on reuse that the server closed one."""
+        return self.fds - self.upstream_sockets
 
 
 async def snapshot(stack: Stack, http: httpx.AsyncClient) -> Snapshot:
@@ -104,7 +107,9 @@ async def snapshot(stack: Stack, http: httpx.AsyncClient) -> Snapshot:
         threads=ps.num_threads(),
         fake_active=st.active,
         fake_waiting=st.waiting,
-        fake_connections=stack.fake.open_connections(),
+        upstream_sockets=sum(
+            1 for c in ps.net_connections(kind="tcp") if c.raddr and c.raddr.port == stack.fake.port
+        ),
     )
 
 
@@ -120,6 +125,8 @@ def differences(base: Snapshot, now: Snapshot) -> list[str]:
         bad.append(f"threads {now.threads} > {base.threads}")
     if now.own_fds > base.own_fds:
         bad.append(f"descriptors (less upstream) {now.own_fds} > {base.own_fds}")
+    if now.upstream_sockets > UPSTREAM_SLOTS:
+        bad.append(f"upstream sockets {now.upstream_sockets} > the pool's {UPSTREAM_SLOTS}")
     return bad
 
 
@@ -133,7 +140,15 @@ async def settled(stack: Stack, base: Snapshot, within: float = SETTLE_S) -> Sna
             if not bad:
                 return now
             if time.monotonic() > deadline:
-                raise AssertionError(f"not back to baseline after {within:.0f} s: {bad}")
+                conns = [
+                    (c.status, c.laddr, c.raddr)
+                    for c in stack.ps.net_connections(kind="inet")
+                    if c.status != "LISTEN"
+                ]
+                raise AssertionError(
+                    f"not back to baseline after {within:.0f} s: {bad}; "
+                    f"the gateway's connections: {conns}"
+                )
             await asyncio.sleep(0.05)
 
 

@@ -30,7 +30,7 @@ from gateway.server.app import create_app
 from gateway.server.speech import BadRequestError, parse_speech
 from gateway.serving import serve_asgi
 from tests.server.conftest import make_settings, running_gateway
-from tests.server.fakes import FakeSynth, fake_services
+from tests.server.fakes import FakeSynth, expected_pcm, fake_services
 from tests.server.test_end_to_end import FPC, PARAGRAPH, gateway
 
 pytestmark = pytest.mark.anyio
@@ -214,6 +214,30 @@ async def test_a_client_that_stops_reading_holds_back_new_segments_then_is_cut_o
         assert [r.getMessage() for r in errors.records] == []
         with contextlib.suppress(ConnectionError):
             writer.close()
+
+
+async def test_a_long_input_past_the_rate_limit_is_spoken_whole() -> None:
+    # 124 sentences at 120 segments a minute: a burst of 120, then one every 0.5 s. The
+    # tail starts only as time passes (the protocol's tick); without a ticker the request
+    # used to stall for good after the burst (a 20,000-character input after 240).
+    synth = FakeSynth()
+    texts = [f"Line {i}." for i in range(124)]
+    settings = make_settings(
+        **{"limits.segments_per_minute": 120, "limits.max_inflight_segments": 16}
+    )
+    async with running_gateway(fake_services(synth), settings) as (served, _):
+        async with httpx.AsyncClient(base_url=served.http_url, timeout=30) as http:
+            t0 = time.perf_counter()
+            async with asyncio.timeout(10):
+                r = await http.post(
+                    "/v1/audio/speech", json={"input": " ".join(texts), "response_format": "pcm"}
+                )
+            took = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    assert synth.finished == texts and not synth.cancelled
+    assert r.content == b"".join(expected_pcm(t, synth.chunks_for(t), 4096) for t in texts)
+    # Paced, not unlimited: the last of the 4 held segments waited for its token (2 s).
+    assert took >= 1.5, took
 
 
 # ----------------------------------------------------------------------------------------
