@@ -191,7 +191,7 @@ class DecodeWorker:
         # Decode seconds per window frame (see chunker.CONTEXT_COST_FRAMES), a moving
         # average over passes: written by the worker thread, read on the loop to size
         # chunks. Until measured: about what one CPU core takes, or a GPU's batched cost.
-        self.decode_cost = _CPU_COST if self._engine.max_stack == 1 else _GPU_COST
+        self.decode_cost = _CPU_COST  # a GPU's, once the thread has seen the engine
         self._urgent_done = -math.inf  # time.monotonic() when the last urgent pass ended
         self._picked_urgent = False
         self._cond = threading.Condition()
@@ -424,6 +424,8 @@ class DecodeWorker:
         self._ready = True
         loop.call_soon_threadsafe(_settle, started, None)
         try:
+            if self._engine.max_stack > 1:
+                self.decode_cost = _GPU_COST
             while True:
                 batch = self._next_batch()
                 if batch is None:

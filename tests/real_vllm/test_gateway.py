@@ -77,6 +77,11 @@ def settings_for(server: RealVllm, snac_weights: Path, **extra: Any) -> Settings
         "vllm.retry.max_wait_ms": 200,
         "segmenter.min_chars": 0,
         "segmenter.idle_flush_ms": 0,
+        # Full right context in the first chunk too, so that every sample can be checked
+        # to 1 LSB against the whole-utterance decode (the shipped first chunk keeps two
+        # frames of it: 97 dB at its end, checked in tests/decoder/test_engine.py).
+        "decoder.first_chunk_frames": 2,
+        "decoder.first_chunk_right_context": -1,
     }
     overrides.update(extra)
     return load_settings(env={}, overrides=overrides)
