@@ -608,7 +608,10 @@ class Synthesis:
                             transient=False,
                         )
                     if fig.finish_reason == "length":
-                        log.warning(
+                        # A client may choose a small max_tokens: not the operator's problem,
+                        # and a line per segment would let one session flood the log. The
+                        # segments_total{outcome="truncated"} counter shows it.
+                        log.debug(
                             "segment %s truncated: max_tokens=%s reached after %d frames",
                             req.label,
                             fig.max_tokens,
