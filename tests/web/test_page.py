@@ -98,10 +98,10 @@ OFFLINE_RENDER = """async ({rate, capacity}) => {
 # its events and stats, `sync()` (a snapshot round trip: every message posted before it on
 # the worklet's port has been handled) and `tone(n, f)`.
 OFFLINE_SETUP = """  const R = 24000;
-  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R, sampleRate: R});
+  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R * SECONDS, sampleRate: R});
   await ctx.audioWorklet.addModule('/worklet.js');
   const node = new AudioWorkletNode(ctx, 'pcm-player', {
-    numberOfInputs: 0, outputChannelCount: [1]});
+    numberOfInputs: 0, outputChannelCount: [1], processorOptions: OPTIONS});
   node.connect(ctx.destination);
   const waiters = new Map(), events = [];
   let nextId = 1, last = null;
@@ -123,6 +123,7 @@ OFFLINE_SETUP = """  const R = 24000;
 # can on a fast link): the old audio must fade out, the rest of it be flushed, and the new
 # turn play bit-exact. Returns where the fade ended and the gain curve of the fade.
 OFFLINE_INTERRUPT = """async () => {
+  const SECONDS = 1, OPTIONS = {};
 /*SETUP*/
   const old = tone(24000, 300), next = tone(4800, 510);
   node.port.postMessage({type: 'pcm', buf: old.slice().buffer});
@@ -160,6 +161,7 @@ OFFLINE_INTERRUPT = """async () => {
 # turn. Interrupt 2 comes the other way round: the marker first, the next turn right behind
 # it, and the page's message late, when it must not flush the audio that followed.
 OFFLINE_EPOCHS = """async () => {
+  const SECONDS = 1, OPTIONS = {};
 /*SETUP*/
   const ch = new MessageChannel();  // the network worker's data port
   node.port.postMessage({type: 'data', port: ch.port1}, [ch.port1]);
@@ -609,23 +611,10 @@ def test_transcript_aligns_normalised_segments_and_renders_tags(open_page: Any) 
 # adaptation off (maxTargetMs = minTargetMs) the same arrivals underrun twice. After 10 s
 # of healthy playback the target comes down again.
 OFFLINE_STALL = """async ({adapt}) => {
-  const R = 24000, CHUNK = 4096, N = 90;
-  const ctx = new OfflineAudioContext({numberOfChannels: 1, length: R * 17, sampleRate: R});
-  await ctx.audioWorklet.addModule('/worklet.js');
-  const opts = adapt ? {minTargetMs: 100, maxTargetMs: 600} : {minTargetMs: 100, maxTargetMs: 100};
-  const node = new AudioWorkletNode(ctx, 'pcm-player', {
-    numberOfInputs: 0, outputChannelCount: [1], processorOptions: opts});
-  node.connect(ctx.destination);
-  const events = [], waiters = new Map();
-  let nextId = 1, last = null;
-  node.port.onmessage = ({data: m}) => {
-    if (m.type === 'snapshot') waiters.get(m.id)(m.stats);
-    else if (m.type === 'stats') last = m.stats;
-    else events.push(m);
-  };
-  const sync = () => new Promise(r => {
-    const id = nextId++; waiters.set(id, r); node.port.postMessage({type: 'snapshot', id});
-  });
+  const SECONDS = 17;
+  const OPTIONS = {minTargetMs: 100, maxTargetMs: adapt ? 600 : 100};
+/*SETUP*/
+  const CHUNK = 4096, N = 90;
   const chunk = (i) => {
     const x = new Int16Array(CHUNK);
     for (let k = 0; k < CHUNK; k++) {
@@ -658,7 +647,7 @@ OFFLINE_STALL = """async ({adapt}) => {
   await new Promise(r => setTimeout(r, 100));
   return {stats: last, targets: events.filter(e => e.type === 'target'),
           underruns: events.filter(e => e.type === 'underrun').map(e => e.time)};
-}"""
+}""".replace("/*SETUP*/", OFFLINE_SETUP)
 
 
 def test_an_induced_stall_raises_the_target_so_the_next_stall_plays_through(
