@@ -57,7 +57,8 @@ pytestmark = [
 
 VOICE = "tara"
 SEED = 1234
-LONG_SEED = 9
+# Tokens every segment of the interrupted turn generates, at least (43 frames).
+MIN_TOKENS = 300
 PARAGRAPH = (
     "The gateway is talking to a real server now. Every sentence becomes a segment of "
     "its own. Each one is generated with a fixed seed, so it can be checked. The audio "
@@ -278,18 +279,24 @@ async def test_paragraph_over_websocket_is_exact(
 async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, snac_weights: Path) -> None:
     """Interrupt after the first audio of a long turn: ``interrupted`` comes back, and vLLM's
     running requests drop to 0 within a second (the gateway closed their streams)."""
-    settings = settings_for(real_vllm, snac_weights, **{"vllm.max_tokens": 1200})
-    text = " ".join(
-        f"This is sentence number {i} of a long turn that will be cut." for i in range(8)
+    # Every segment generates at least MIN_TOKENS (vLLM's ``min_tokens`` holds the stop token
+    # back), and the first segment's text is short, so its first audio goes out after a few
+    # frames while every segment in flight is still generating. A seed alone did not do
+    # it: how long a seeded generation runs depends on the CPU's float arithmetic, and
+    # below real time a segment's first audio is held until most of the length its text
+    # predicts is in hand, which was its end on a machine where the seed's run was short.
+    settings = settings_for(
+        real_vllm,
+        snac_weights,
+        **{"vllm.max_tokens": 1200, "vllm.extra_body": {"min_tokens": MIN_TOKENS}},
+    )
+    text = "Listen. " + " ".join(
+        f"This is sentence number {i} of a long turn that will be cut." for i in range(1, 8)
     )
     async with gateway(settings) as (served, gw):
         ws = await connect(served.ws_url + "/v1/tts/stream")
         ready = orjson.loads(await ws.recv())
         assert ready["type"] == "session.ready"
-        # A seed whose generations are long with this model (~80 frames each), so every
-        # segment in flight is still generating at the interrupt.
-        await send(ws, type="session.update", seed=LONG_SEED)
-        assert orjson.loads(await ws.recv())["type"] == "session.updated"
         async with httpx.AsyncClient(base_url=real_vllm.base_url, timeout=10.0) as vllm:
             assert await running_requests(vllm) == 0
             for k in range(0, len(text), 8):
@@ -321,9 +328,10 @@ async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, snac_weigh
         aborted = await abort_logged(real_vllm, f"cmpl-{ready['session_id']}/")
         assert aborted, real_vllm.log_tail(3000)
 
-        # The session goes on: the next turn is whole (kept short: at most ten frames).
+        # The session goes on: the next turn is whole (kept short: exactly MIN_TOKENS, as
+        # vLLM refuses a max_tokens below min_tokens).
         await ping(ws)
-        await send(ws, type="session.update", max_tokens=70)
+        await send(ws, type="session.update", max_tokens=MIN_TOKENS)
         assert orjson.loads(await ws.recv())["type"] == "session.updated"
         after = await speak(ws, "Still here after the interrupt.", timeout=60)
         assert [e["text"] for e in after.of("segment.start")] == ["Still here after the interrupt."]
