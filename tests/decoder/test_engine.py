@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -184,5 +187,31 @@ def test_batched_equals_unbatched(snac_model: LoadedModel, engine: SnacEngine) -
         assert snr_db(want, got) >= 100.0
 
 
-def test_warm_up_decodes_the_start_of_a_segment(engine: SnacEngine) -> None:
-    engine.warm_up(ChunkPolicy(), max_batch=4)
+class RecordingEngine(SnacEngine):
+    """The real engine, keeping the windows of every pass it was asked for."""
+
+    def __init__(self, loaded: LoadedModel, **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
+        self.passes: list[list[ChunkPlan]] = []
+
+    def decode(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
+        self.passes.append(list(plans))
+        return super().decode(plans)
+
+
+@pytest.mark.parametrize("max_stack", [1, 16])
+def test_warm_up_decodes_the_start_of_a_segment(snac_model: LoadedModel, max_stack: int) -> None:
+    """Each window shape a segment starts with is decoded once (stacked up to the batch a
+    pass will see), so that no real request pays for a shape's first pass."""
+    policy = ChunkPolicy()
+    engine = RecordingEngine(snac_model, max_stack=max_stack)
+    engine.warm_up(policy, max_batch=4)
+    keys = [engine.group_key(p[0]) for p in engine.passes]
+    assert len(keys) == len(set(keys)), "a shape was warmed twice"
+    for p in engine.passes:
+        assert len(p) == min(4, max_stack) and len({engine.group_key(q) for q in p}) == 1
+    # The shapes of a real segment's ramp, and of a full chunk with its whole left context.
+    ch = Chunker(policy)
+    plans = ch.feed(random_frames(4 * policy.chunk_frames + 2 * policy.context_frames, seed=3))
+    assert plans[0].window_start == 0 and plans[-1].window_start > 0
+    assert {engine.group_key(p) for p in plans} <= set(keys)
