@@ -11,11 +11,20 @@ Numbering: the client sees turns from 0 and segments from 0 within each turn. In
 every segment also gets a session-wide ``seq`` within the current *epoch* (an interrupt
 starts a new epoch); the reorder buffer orders by that, so a later turn's audio always
 follows the earlier one's and late work from before an interrupt is discarded.
+
+Client ids: ``text.delta``, ``text.end`` and ``chat.message`` may carry an ``id`` (1 to 64
+of ``A-Z a-z 0-9 . _ : -``). The message that opens a turn names it; later messages of that
+turn may repeat the id or leave it out, and any other id is refused (``bad_message``, the
+turn unchanged), so one turn never answers to two names. Every event of a named turn
+(``segment.*``, ``turn.done``, ``llm.*``, and ``interrupted`` when it names that turn) and
+every ``error`` caused by a message with a valid id carries that id; a turn without one
+gets events without one.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,13 +90,7 @@ class StartChat:
     """(role, content) pairs: system prompt, history, then the new user message."""
 
 
-@dataclass(frozen=True, slots=True)
-class CloseSession:
-    code: int
-    reason: str
-
-
-Action = StartSegment | CancelWork | StartChat | CloseSession
+Action = StartSegment | CancelWork | StartChat
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,7 @@ class ProtocolOptions:
 class _Turn:
     number: int
     opened_at: float
+    id: str | None = None  # the client's name for it (see the module docstring)
     chat: bool = False
     first_audio: bool = False
     count: int = 0  # segments cut so far
@@ -190,6 +194,7 @@ class SessionProtocol:
         self._turns: deque[_Turn] = deque()
         self._open: _Turn | None = None  # the turn that text.delta appends to
         self._last_turn = -1
+        self._last_id: str | None = None  # the client id of turn ``_last_turn``
         self._history: list[tuple[str, str]] = []
         self._out: list[Outgoing] = []
         self._actions: list[Action] = []
@@ -200,7 +205,6 @@ class SessionProtocol:
         self._active_at = clock()  # the last client message or the end of the last turn
         self.samples_sent = 0
         """Samples released toward the client in this session (all epochs)."""
-        self.errors: dict[str, int] = {}
         self._m_ttfa: list[float] = []
         self._m_outcomes: dict[str, int] = {}
         self._m_errors: dict[str, int] = {}
@@ -225,16 +229,11 @@ class SessionProtocol:
         return self._closed
 
     @property
-    def busy(self) -> bool:
-        """Work is outstanding: some turn has not finished."""
-        return bool(self._turns)
-
-    @property
     def idle_expired(self) -> bool:
         """No client message and no work in progress for ``idle_timeout_s``: the runner
         closes the session (1000 ``idle_timeout``) so that it stops holding a slot."""
         timeout = self.options.idle_timeout_s
-        if timeout <= 0 or self.busy:
+        if timeout <= 0 or self._turns:  # a turn in progress is never idle
             return False
         return self._clock() - self._active_at >= timeout
 
@@ -282,12 +281,6 @@ class SessionProtocol:
         self._closed = True
         self._out.clear()
 
-    def flush(self) -> None:
-        """Release what can be released now: buffered text as segments, ready audio."""
-        if self._open is not None:
-            self._cut(self._segmenter.flush(end_turn=False))
-        self._release()
-
     def tick(self) -> None:
         """Periodic: lets stalled text go out (the segmenter's idle flush) and starts held
         segments whose rate-limit tokens have come back."""
@@ -325,7 +318,7 @@ class SessionProtocol:
         try:
             self._dispatch(msg)
         except GatewayError as exc:
-            self._error(exc.code, exc.message)
+            self._error(exc.code, exc.message, _echo_id(msg))
 
     def _dispatch(self, msg: Any) -> None:
         if not isinstance(msg, dict):
@@ -381,11 +374,14 @@ class SessionProtocol:
         text = msg.get("text")
         if not isinstance(text, str):
             raise ProtocolError("text.delta needs a string 'text'")
+        cid = _client_id(msg)
         turn = self._open
         if turn is not None and turn.chat:
             raise ProtocolError("a chat reply is being spoken; send interrupt first")
         if turn is None:
-            turn = self._open_turn(chat=False)
+            turn = self._open_turn(chat=False, cid=cid)
+        else:
+            _check_same_turn(turn, cid)
         if turn.chars + len(text) > self.options.max_turn_chars:
             raise ProtocolError(
                 f"turn text would exceed {self.options.max_turn_chars} characters",
@@ -408,12 +404,15 @@ class SessionProtocol:
             self._cut(self._segmenter.flush(end_turn=False))
 
     def _on_end(self, msg: dict[str, Any]) -> None:
+        cid = _client_id(msg)
         turn = self._open
         if turn is None:
             # An empty turn still completes, so a client waiting for turn.done gets it.
-            turn = self._open_turn(chat=False)
+            turn = self._open_turn(chat=False, cid=cid)
         elif turn.chat:
             raise ProtocolError("a chat reply ends by itself; send interrupt to cut it")
+        else:
+            _check_same_turn(turn, cid)
         self._end_turn(turn)
 
     def _on_interrupt(self, msg: dict[str, Any]) -> None:
@@ -423,6 +422,7 @@ class SessionProtocol:
         text = msg.get("text")
         if not isinstance(text, str) or not text.strip():
             raise ProtocolError("chat.message needs a non-empty string 'text'")
+        cid = _client_id(msg)
         if not self.options.chat_enabled:
             raise ProtocolError("chat is not configured on this gateway (see the llm section)")
         if len(text) > self.options.max_turn_chars:
@@ -434,7 +434,7 @@ class SessionProtocol:
             raise ProtocolError("a reply is still streaming; send interrupt first")
         if self._open is not None:
             self._end_turn(self._open)
-        turn = self._open_turn(chat=True)
+        turn = self._open_turn(chat=True, cid=cid)
         turn.llm_open = True
         self._remember("user", text)
         messages: list[tuple[str, str]] = []
@@ -455,7 +455,9 @@ class SessionProtocol:
 
     def interrupt(self) -> None:
         """Barge-in: drop all work, answer ``interrupted``; the session stays usable."""
-        current = self._last_turn
+        current: dict[str, Any] = {"turn": self._last_turn}
+        if self._last_id is not None:
+            current["id"] = self._last_id
         for turn in self._turns:
             if turn.chat and turn.spoken:
                 # The history keeps only what the user actually got to hear.
@@ -473,7 +475,7 @@ class SessionProtocol:
         self._out = [o for o in self._out if o.epoch is None]
         self._actions = [a for a in self._actions if not isinstance(a, StartSegment | StartChat)]
         self._actions.append(CancelWork(self._epoch))
-        self._send({"type": "interrupted", "turn": current})
+        self._send({"type": "interrupted", **current})
 
     # -- input: from the LLM (chat mode) ---------------------------------------------
 
@@ -482,7 +484,7 @@ class SessionProtocol:
         if self._closed or epoch != self._epoch or t is None or t.number != turn or not t.chat:
             return
         t.reply.append(text)
-        self._send({"type": "llm.delta", "turn": turn, "text": text})
+        self._send({"type": "llm.delta", **_names(t), "text": text})
         self._cut(self._segmenter.feed(text))
 
     def llm_done(self, epoch: int, turn: int, error: GatewayError | None = None) -> None:
@@ -490,9 +492,9 @@ class SessionProtocol:
         if self._closed or epoch != self._epoch or t is None or t.number != turn or not t.chat:
             return
         if error is not None:
-            self._error(error.code, f"chat LLM failed: {error.message}")
+            self._error(error.code, f"chat LLM failed: {error.message}", t.id)
         t.llm_open = False
-        self._send({"type": "llm.done", "turn": turn, "text": "".join(t.reply)})
+        self._send({"type": "llm.done", **_names(t), "text": "".join(t.reply)})
         self._end_turn(t)
 
     # -- input: from producers -------------------------------------------------------
@@ -521,13 +523,15 @@ class SessionProtocol:
         if not self._closed:
             self._out.append(Outgoing(_json(obj), epoch))
 
-    def _error(self, code: ErrorCode | str, message: str) -> None:
+    def _error(self, code: ErrorCode | str, message: str, cid: str | None = None) -> None:
         code = str(code)
         self._count_error(code)
-        self._send({"type": "error", "code": code, "message": message})
+        obj: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if cid is not None:
+            obj["id"] = cid
+        self._send(obj)
 
     def _count_error(self, code: str) -> None:
-        self.errors[code] = self.errors.get(code, 0) + 1
         self._m_errors[code] = self._m_errors.get(code, 0) + 1
 
     def _remember(self, role: str, content: str) -> None:
@@ -539,9 +543,10 @@ class SessionProtocol:
         if excess > 0:
             del self._history[:excess]
 
-    def _open_turn(self, *, chat: bool) -> _Turn:
+    def _open_turn(self, *, chat: bool, cid: str | None) -> _Turn:
         self._last_turn += 1
-        turn = _Turn(number=self._last_turn, opened_at=self._clock(), chat=chat)
+        self._last_id = cid
+        turn = _Turn(number=self._last_turn, opened_at=self._clock(), id=cid, chat=chat)
         self._turns.append(turn)
         self._open = turn
         return turn
@@ -618,7 +623,7 @@ class SessionProtocol:
                 self._send(
                     {
                         "type": "segment.end",
-                        "turn": turn.number,
+                        **_names(turn),
                         "seq": seg.turn_seq,
                         "samples": seg.samples,
                     },
@@ -630,7 +635,7 @@ class SessionProtocol:
                 self._send(
                     {
                         "type": "segment.error",
-                        "turn": turn.number,
+                        **_names(turn),
                         "seq": seg.turn_seq,
                         "code": item.code,
                         "message": item.message,
@@ -650,7 +655,7 @@ class SessionProtocol:
         self._send(
             {
                 "type": "segment.start",
-                "turn": seg.turn.number,
+                **_names(seg.turn),
                 "seq": seg.turn_seq,
                 "text": seg.text,
             },
@@ -669,7 +674,7 @@ class SessionProtocol:
             self._send(
                 {
                     "type": "turn.done",
-                    "turn": turn.number,
+                    **_names(turn),
                     "segments": turn.count,
                     "samples": turn.samples,
                 },
@@ -679,6 +684,44 @@ class SessionProtocol:
 
 # ----------------------------------------------------------------------------------------
 # Validation helpers
+
+_ID_TYPES = frozenset({"text.delta", "text.end", "chat.message"})
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _client_id(msg: dict[str, Any]) -> str | None:
+    """The message's ``id``, checked: ``None`` when it has none."""
+    if "id" not in msg:
+        return None
+    cid = msg["id"]
+    if not isinstance(cid, str) or _ID.fullmatch(cid) is None:
+        raise ProtocolError("id must be 1 to 64 characters of A-Z a-z 0-9 . _ : -")
+    return cid
+
+
+def _echo_id(msg: Any) -> str | None:
+    """The valid ``id`` of a refused message, to name it in the error; else ``None``."""
+    if not isinstance(msg, dict) or msg.get("type") not in _ID_TYPES:
+        return None
+    try:
+        return _client_id(msg)
+    except ProtocolError:
+        return None
+
+
+def _check_same_turn(turn: _Turn, cid: str | None) -> None:
+    if cid is not None and cid != turn.id:
+        named = f"named {turn.id!r}" if turn.id is not None else "opened without an id"
+        raise ProtocolError(
+            f"id {cid!r} does not match the open turn, {named}; send text.end first"
+        )
+
+
+def _names(turn: _Turn) -> dict[str, Any]:
+    """How an event names its turn: the number, and the client's id if it gave one."""
+    if turn.id is None:
+        return {"turn": turn.number}
+    return {"turn": turn.number, "id": turn.id}
 
 
 def _number(

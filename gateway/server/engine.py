@@ -17,7 +17,6 @@ from typing import Protocol
 
 from gateway.core.protocol import (
     CancelWork,
-    CloseSession,
     GenParams,
     Outgoing,
     SessionProtocol,
@@ -150,7 +149,6 @@ class SessionEngine:
         clock: Callable[[], float],
         on_output: Callable[[list[Outgoing]], None],
         on_cancel: Callable[[int], None] = lambda epoch: None,
-        on_close: Callable[[int, str], None] = lambda code, reason: None,
         on_metrics: Callable[[SessionProtocol], None] = lambda p: None,
         may_start: Callable[[], bool] = lambda: True,
         paced: bool = True,
@@ -163,7 +161,6 @@ class SessionEngine:
         self._clock = clock
         self._on_output = on_output
         self._on_cancel = on_cancel
-        self._on_close = on_close
         self._on_metrics = on_metrics
         # Backpressure from the transport: while False, queued segments wait (pump() again
         # once the client has caught up). Work already running is not held back.
@@ -264,8 +261,6 @@ class SessionEngine:
             self._on_cancel(act.epoch)
         elif isinstance(act, StartChat):
             self._start_chat(act)
-        elif isinstance(act, CloseSession):
-            self._on_close(act.code, act.reason)
 
     def _start_ready(self) -> None:
         while (

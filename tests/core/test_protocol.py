@@ -13,6 +13,7 @@ from gateway.core.protocol import (
     StartSegment,
 )
 from gateway.core.segmenter import SegmenterOptions
+from gateway.errors import ErrorCode, UpstreamError
 from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed
 
 SEG = SegmenterOptions(min_chars=0, fast_first=False, idle_flush_ms=0)
@@ -258,7 +259,7 @@ def test_segment_rate_limit_paces_segments_and_never_fails_them() -> None:
     p.push(SegmentEnd(0, 2, 0))
     evts = events(p)
     assert [e["type"] for e in evts] == ["segment.start", "segment.end", "turn.done"]
-    assert evts[-1]["segments"] == 3 and "rate_limited" not in p.errors
+    assert evts[-1]["segments"] == 3 and "rate_limited" not in p.take_metrics()[2]
 
 
 def play_all(p: SessionProtocol, clock: FakeClock, window: int) -> list[dict | bytes]:
@@ -294,7 +295,7 @@ def test_a_turn_longer_than_the_reorder_window_is_spoken_completely() -> None:
     out = play_all(p, clock, window=256)
     kinds = types(out)
     assert kinds.count("segment.end") == 300 and "segment.error" not in kinds
-    assert "error" not in kinds and p.errors == {}
+    assert "error" not in kinds and p.take_metrics()[2] == {}
     assert out[-1] == {"type": "turn.done", "turn": 0, "segments": 300, "samples": 300}
     starts = [e["text"] for e in out if isinstance(e, dict) and e["type"] == "segment.start"]
     assert starts == [f"S{i}." for i in range(300)]
@@ -443,3 +444,155 @@ def test_idle_timeout_zero_never_expires() -> None:
     p, clock = make(idle_timeout_s=0)
     clock.advance(10**6)
     assert not p.idle_expired
+
+
+# ----------------------------------------------------------------------------------------
+# Client ids: the message that opens a turn names it; its events and errors carry the name
+
+
+def test_a_turn_named_by_its_first_delta_carries_the_id_on_every_event() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="One. ", id="t-1")
+    send(p, type="text.delta", text="Two.")  # later messages may leave it out
+    send(p, type="text.end", id="t-1")  # or repeat it
+    acts = p.actions()
+    assert [a.text for a in acts] == ["One.", "Two."]
+    p.push(AudioChunk(0, 0, 0, b"\x01\x00"))
+    p.push(SegmentEnd(0, 0, 1))
+    p.push(SegmentFailed(0, 1, 0, "upstream_error", "boom"))
+    evts = events(p)
+    assert types(evts) == ["segment.start", "<pcm>", "segment.end", "segment.error", "turn.done"]
+    assert evts[0] == {"type": "segment.start", "turn": 0, "id": "t-1", "seq": 0, "text": "One."}
+    assert evts[2] == {"type": "segment.end", "turn": 0, "id": "t-1", "seq": 0, "samples": 1}
+    assert (evts[3]["id"], evts[3]["seq"]) == ("t-1", 1)
+    assert evts[4] == {"type": "turn.done", "turn": 0, "id": "t-1", "segments": 2, "samples": 1}
+
+
+def test_queued_turns_each_carry_their_own_id_and_unnamed_turns_none() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="Ay.", id="a")
+    send(p, type="text.end")
+    send(p, type="text.delta", text="Bee.")
+    send(p, type="text.end")
+    send(p, type="text.end", id="c")  # an empty turn completes, named too
+    for a in p.actions():
+        p.push(SegmentEnd(a.epoch, a.seq, 0))
+    named = [(e["type"], e["turn"], e.get("id")) for e in events(p)]
+    assert named == [
+        ("segment.start", 0, "a"),
+        ("segment.end", 0, "a"),
+        ("turn.done", 0, "a"),
+        ("segment.start", 1, None),
+        ("segment.end", 1, None),
+        ("turn.done", 1, None),
+        ("turn.done", 2, "c"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("opening", "later"),
+    [({"id": "a"}, "b"), ({}, "b")],
+    ids=["another-id", "id-on-an-unnamed-turn"],
+)
+@pytest.mark.parametrize("kind", ["text.delta", "text.end"])
+def test_a_different_id_in_an_open_turn_is_refused_and_changes_nothing(
+    opening: dict[str, str], later: str, kind: str
+) -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="text.delta", text="Ay. ", **opening)
+    send(p, type=kind, text="Bee. ", id=later)
+    (err,) = events(p)
+    assert (err["type"], err["code"], err["id"]) == ("error", "bad_message", later)
+    assert "does not match the open turn" in err["message"]
+    send(p, type="text.delta", text="Sea.")
+    send(p, type="text.end")
+    acts = p.actions()
+    assert [a.text for a in acts] == ["Ay.", "Sea."]  # neither text nor end took effect
+    for a in acts:
+        p.push(SegmentEnd(a.epoch, a.seq, 0))
+    evts = events(p)
+    assert evts[-1]["type"] == "turn.done" and evts[-1].get("id") == opening.get("id")
+    assert {e["turn"] for e in evts} == {0}
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "a b", "é", "a/b", 5, None, ["a"]], ids=repr)
+@pytest.mark.parametrize("kind", ["text.delta", "text.end", "chat.message"])
+def test_a_malformed_id_is_a_protocol_error_and_opens_no_turn(bad: object, kind: str) -> None:
+    p, _ = make(chat_enabled=True)
+    events(p)
+    send(p, type=kind, text="Hello.", id=bad)
+    (err,) = events(p)
+    assert err["type"] == "error" and err["code"] == "bad_message" and "id" not in err
+    assert p.actions() == []
+    send(p, type="text.delta", text="Ay.", id="x" * 64)  # the longest id is fine
+    send(p, type="text.end")
+    (a,) = p.actions()
+    assert a.turn == 0  # the refused message opened nothing
+    p.push(SegmentEnd(a.epoch, a.seq, 0))
+    assert events(p)[-1] == {
+        "type": "turn.done",
+        "turn": 0,
+        "id": "x" * 64,
+        "segments": 1,
+        "samples": 0,
+    }
+
+
+def test_errors_caused_by_a_named_message_carry_its_id() -> None:
+    p, _ = make(max_turn_chars=10)
+    events(p)
+    send(p, type="text.delta", text="12345", id="A.b_c:d-9")
+    send(p, type="text.delta", text="1234567", id="A.b_c:d-9")
+    send(p, type="chat.message", text="hi", id="q")  # chat is not configured
+    send(p, type="session.update", id="s")  # ids are for turn messages only
+    send(p, type="ping", id="p")
+    evts = events(p)
+    assert [(e["type"], e.get("code"), e.get("id")) for e in evts] == [
+        ("error", "turn_too_long", "A.b_c:d-9"),
+        ("error", "bad_message", "q"),
+        ("error", "bad_parameter", None),
+        ("pong", None, None),
+    ]
+
+
+def test_a_chat_turn_is_named_by_its_message() -> None:
+    p, _ = make(chat_enabled=True)
+    events(p)
+    send(p, type="text.delta", text="Ay.", id="speak-1")
+    send(p, type="chat.message", text="Hello?", id="chat-1")  # ends the open text turn
+    (seg, chat) = p.actions()
+    assert isinstance(seg, StartSegment) and isinstance(chat, StartChat)
+    p.llm_delta(chat.epoch, chat.turn, "Hi. ")
+    p.llm_done(chat.epoch, chat.turn, UpstreamError("gone", code=ErrorCode.LLM_ERROR))
+    acts = p.actions()
+    for a in [seg, *acts]:
+        assert isinstance(a, StartSegment)
+        p.push(SegmentEnd(a.epoch, a.seq, 0))
+    named = [(e["type"], e.get("turn"), e.get("id")) for e in events(p)]
+    assert named == [
+        ("llm.delta", 1, "chat-1"),
+        ("error", None, "chat-1"),
+        ("llm.done", 1, "chat-1"),
+        ("segment.start", 0, "speak-1"),
+        ("segment.end", 0, "speak-1"),
+        ("turn.done", 0, "speak-1"),
+        ("segment.start", 1, "chat-1"),
+        ("segment.end", 1, "chat-1"),
+        ("turn.done", 1, "chat-1"),
+    ]
+
+
+def test_interrupted_names_the_last_turn_by_its_id() -> None:
+    p, _ = make()
+    events(p)
+    send(p, type="interrupt")
+    assert events(p) == [{"type": "interrupted", "turn": -1}]
+    send(p, type="text.delta", text="Ay. Bee", id="a")
+    send(p, type="interrupt")
+    assert events(p) == [{"type": "interrupted", "turn": 0, "id": "a"}]
+    send(p, type="text.delta", text="Sea.")  # unnamed: so is its interrupt
+    send(p, type="interrupt")
+    assert events(p) == [{"type": "interrupted", "turn": 1}]
