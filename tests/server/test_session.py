@@ -120,6 +120,31 @@ async def test_a_failing_segment_reports_in_place_and_others_play() -> None:
     assert b"voicegw_segments_total" in gw.metrics.render()
 
 
+async def test_client_ids_name_each_turns_events_over_the_socket() -> None:
+    synth = FakeSynth(chunk_delay_s=0.002)
+    synth.delays = {"Ay is first.": 0.2}  # turn "b" is ready first, and still plays second
+    async with running_gateway(fake_services(synth)) as (served, _):
+        async with connect(served.ws_url + "/v1/tts/stream") as ws:
+            await ws.recv()
+            await send(ws, type="text.delta", text="Ay is first.", id="a")
+            await send(ws, type="text.end", id="a")
+            await send(ws, type="text.delta", text="Bee is second. ", id="b")
+            await send(ws, type="text.delta", text="Sea.", id="c")  # refused: "b" is open
+            await send(ws, type="text.end")
+            events = await recv_until(ws, "turn.done")
+            events += await recv_until(ws, "turn.done")
+    named = [(e["type"], e.get("turn"), e.get("id")) for e in events if isinstance(e, dict)]
+    assert named == [
+        ("error", None, "c"),
+        ("segment.start", 0, "a"),
+        ("segment.end", 0, "a"),
+        ("turn.done", 0, "a"),
+        ("segment.start", 1, "b"),
+        ("segment.end", 1, "b"),
+        ("turn.done", 1, "b"),
+    ]
+
+
 async def test_interrupt_cancels_everything_fast_and_the_session_goes_on() -> None:
     synth = FakeSynth(chunk_delay_s=0.05)
     async with running_gateway(fake_services(synth)) as (served, gw):
