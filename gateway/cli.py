@@ -10,9 +10,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 log = logging.getLogger("voicegw")
 
@@ -39,7 +42,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
     from gateway.config import load_settings
 
     overrides = _config_overrides(args)
@@ -61,7 +64,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     opts = SegmenterOptions.from_settings(settings.gateway.segmenter, idle_flush=False)
     segmenter = Segmenter(opts)
 
-    def run(text: str) -> list[Any]:
+    def run(text: str) -> list[str] | list[dict[str, str]]:
         step = args.delta_chars if args.delta_chars and args.delta_chars > 0 else len(text) or 1
         out = []
         for i in range(0, len(text), step):
@@ -102,10 +105,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         # The YAML spelling first (what the README's table shows); --set and the env var
         # use a shorter path, so both are named too.
         print("# YAML key = default    # meaning  [--set KEY=VALUE | environment variable]")
-        for name, default, doc in describe_keys():
+        for name, shown, doc in describe_keys():
             flag, env = key_spellings(name)
             meaning = f"{doc}  " if doc else ""
-            print(f"{name} = {default}    # {meaning}[--set {flag}=… | {env}]")
+            print(f"{name} = {shown}    # {meaning}[--set {flag}=… | {env}]")
         return 0
     settings = _load(args)
 

@@ -19,36 +19,42 @@ import os
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from gateway.core.codec import VOICES
 from gateway.errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = TypeVar("_T")
+_D = TypeVar("_D", bound="DataclassInstance")
+
 ENV_PREFIX = "VOICEGW_"
 CONFIG_ENV = "VOICEGW_CONFIG"
 
 
 def _f(
-    default: Any,
+    default: _T,
     *,
     lo: float | None = None,
     hi: float | None = None,
     choices: tuple[str, ...] | None = None,
     pattern: str | None = None,
     doc: str = "",
-) -> Any:
+) -> _T:
     meta = {"lo": lo, "hi": hi, "choices": choices, "pattern": pattern, "doc": doc}
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, tuple):
         raise TypeError("use tuples or mappings via default_factory")
     return field(default=default, metadata=meta)
 
 
-def _fm(factory: Any, doc: str = "") -> Any:
+def _fm(factory: Callable[[], _T], doc: str = "") -> _T:
     return field(default_factory=factory, metadata={"doc": doc})
 
 
@@ -272,7 +278,7 @@ def _describe(meta: Mapping[str, Any], tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, meta: Mapping[str, Any], path: str, warnings: list[str]) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return _build(tp, value, path, warnings)
@@ -339,7 +345,7 @@ def _convert(value: Any, tp: Any, meta: Mapping[str, Any], path: str, warnings: 
     return out
 
 
-def _build(cls: type, data: Mapping[str, Any], path: str, warnings: list[str]) -> Any:
+def _build(cls: type[_D], data: Mapping[str, Any], path: str, warnings: list[str]) -> _D:
     hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -391,7 +397,9 @@ def _leaf_paths(cls: type | None = None, prefix: tuple[str, ...] = ()) -> list[t
     return out
 
 
-def _check_known(parts: list[str], spelt: str, origin: str, short: Any) -> None:
+def _check_known(
+    parts: list[str], spelt: str, origin: str, short: Callable[[tuple[str, ...]], str]
+) -> None:
     """Refuse an unknown key from the command line or the environment, naming the nearest
     known one in the same spelling (``short`` turns a canonical path into it)."""
     cls: Any = Settings
@@ -539,17 +547,22 @@ def describe_keys() -> list[tuple[str, str, str]]:
     doc, for ``voicegw config --keys`` and the README."""
     rows: list[tuple[str, str, str]] = []
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type[DataclassInstance], prefix: str) -> None:
         hints = _hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name in ("source", "warnings"):
                 continue
             tp = hints[f.name]
             name = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, name + ".")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.default is not dataclasses.MISSING:
+                default: object = f.default
+            elif callable(f.default_factory):
+                default = f.default_factory()
+            else:  # pragma: no cover - every settings field has a default
+                raise TypeError(f"config key {name} has no default")
             rows.append(
                 (yaml_key(tuple(name.split("."))), repr(default), f.metadata.get("doc", ""))
             )

@@ -39,22 +39,30 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from gateway.core.chunker import ChunkPlan, ChunkPolicy, check_frame
-from gateway.decoder.snac_model import HOP, LATENTS_PER_FRAME, LoadedModel, positional_ops
+from gateway.decoder.snac_model import (
+    HOP,
+    LATENTS_PER_FRAME,
+    LoadedModel,
+    conv_geometry,
+    positional_ops,
+)
 from gateway.errors import DecoderError
 from gateway.vocab import SAMPLES_PER_FRAME
 
 _L1 = [1, 4]
 _L2 = [2, 3, 5, 6]
 
+Codes = TypeVar("Codes", np.ndarray, torch.Tensor)
 
-def levels(frames: np.ndarray) -> list[np.ndarray]:
+
+def levels(frames: Codes) -> list[Codes]:
     """Frames ``[..., n, 7]`` to SNAC's three code levels, as ``frames_to_levels`` does:
     ``[f0]``, ``[f1, f4]``, ``[f2, f3, f5, f6]`` per frame, flattened along time."""
     lead = frames.shape[:-2]
@@ -89,18 +97,9 @@ class _Op:
 
 
 def _ops(layer: nn.Module) -> tuple[_Op, ...]:
-    out = []
-    for op in positional_ops(layer):
-        out.append(
-            _Op(
-                isinstance(op, nn.ConvTranspose1d),
-                op.kernel_size[0],
-                op.dilation[0],
-                op.padding[0],
-                op.stride[0],
-            )
-        )
-    return tuple(out)
+    return tuple(
+        _Op(isinstance(op, nn.ConvTranspose1d), *conv_geometry(op)) for op in positional_ops(layer)
+    )
 
 
 class SnacEngine:
@@ -173,7 +172,8 @@ class SnacEngine:
     def _run_decoder(self, z: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
         """Decoder output for samples ``k0..k1-1`` of latents ``z``, cutting as it goes."""
         if not self._layers:
-            return self._model.decoder(z)[..., k0:k1]
+            y: torch.Tensor = self._model.decoder(z)
+            return y[..., k0:k1]
         x = z
         off = 0  # position of x[..., 0] in the current layer's coordinates
         for layer, stride, (lo, hi) in zip(
@@ -192,7 +192,7 @@ class SnacEngine:
 
     def decode(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
         """Decode ``plans``; return each plan's kept samples as int16, in the given order."""
-        out: list[np.ndarray | None] = [None] * len(plans)
+        out: dict[int, np.ndarray] = {}
         groups: dict[Hashable, list[int]] = {}
         for i, p in enumerate(plans):
             groups.setdefault(self.group_key(p), []).append(i)
@@ -204,7 +204,7 @@ class SnacEngine:
                         part, self._decode_stack([plans[i] for i in part]), strict=True
                     ):
                         out[i] = pcm
-        return out  # type: ignore[return-value]
+        return [out[i] for i in range(len(plans))]
 
     def _decode_stack(self, plans: Sequence[ChunkPlan]) -> list[np.ndarray]:
         # Latents per window length, not per window: one host-to-device copy of the codes
@@ -217,14 +217,14 @@ class SnacEngine:
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(plans):
             by_len.setdefault(len(p.frames), []).append(i)
-        parts: list[torch.Tensor | None] = [None] * len(plans)
+        parts: dict[int, torch.Tensor] = {}
         for idx in by_len.values():
             lat = self._latents(np.asarray([plans[i].frames for i in idx], dtype=np.int64))
             for row, i in enumerate(idx):
                 lo, steps, _, _ = self._geometry(plans[i])
                 parts[i] = lat[row : row + 1, :, lo : lo + steps]
         _, _, k0, k1 = self._geometry(plans[0])  # the same for the whole stack
-        z = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # type: ignore[arg-type]
+        z = parts[0] if len(parts) == 1 else torch.cat([parts[i] for i in range(len(plans))], dim=0)
         audio = to_int16(self._run_decoder(z, k0, k1)).cpu().numpy()[:, 0, :]
         result = []
         for row, p in zip(audio, plans, strict=True):
@@ -281,7 +281,7 @@ def decode_utterance(loaded: LoadedModel, frames: Sequence[Sequence[int]]) -> np
     with torch.inference_mode():
         lv = [c.to(loaded.torch_device) for c in levels(codes)]
         audio = loaded.model.decode(lv)
-        pcm = to_int16(audio).cpu().numpy()[0, 0]
+        pcm: np.ndarray = to_int16(audio).cpu().numpy()[0, 0]
     assert pcm.shape[0] == len(checked) * SAMPLES_PER_FRAME
     return pcm
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from gateway.config import UpstreamSettings
 from gateway.errors import ModelLoadError
 
 with warnings.catch_warnings():
@@ -103,7 +104,7 @@ _RANDOM_BANNER = "!" * 72
 class LoadedModel:
     """A SNAC model ready for inference, and where it came from."""
 
-    model: Any
+    model: SNAC
     """The ``snac.SNAC`` module, prepared (eval, baked weight norm) and on its device."""
     device: str
     dtype: str
@@ -132,6 +133,9 @@ class FastSnake(nn.Module):
     large share of CPU decode time. The arithmetic is the same as ``snac.layers.snake``,
     in the same order, so float32 results are bit-identical.
     """
+
+    alpha: torch.Tensor
+    inv_alpha: torch.Tensor
 
     def __init__(self, alpha: torch.Tensor) -> None:
         super().__init__()
@@ -221,8 +225,10 @@ def prepare_for_inference(model: SNAC) -> SNAC:
     model.eval()
     model.requires_grad_(False)
     for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations.keys()):
+        # parametrize.is_parametrized makes the same test, but does not narrow the type.
+        params = getattr(module, "parametrizations", None)
+        if isinstance(params, nn.ModuleDict):
+            for name in list(params.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     _swap_snake(model)
     return model
@@ -236,15 +242,26 @@ def _swap_snake(module: nn.Module) -> None:
             _swap_snake(child)
 
 
-def positional_ops(module: nn.Module) -> Iterator[nn.Module]:
+Conv = nn.Conv1d | nn.ConvTranspose1d
+"""A layer that mixes time positions."""
+
+
+def positional_ops(module: nn.Module) -> Iterator[Conv]:
     """The layers that mix time positions, in forward order (children are registered in
     forward order throughout SNAC's decoder; residual branches are supersets of their
     identity paths, so following the branch is enough)."""
-    if isinstance(module, nn.Conv1d | nn.ConvTranspose1d):
+    if isinstance(module, Conv):
         yield module
         return
     for child in module.children():
         yield from positional_ops(child)
+
+
+def conv_geometry(op: Conv) -> tuple[int, int, int, int]:
+    """(kernel, dilation, padding, stride) of a 1-D convolution with explicit padding."""
+    if isinstance(op.padding, str):  # pragma: no cover - not in SNAC's decoder
+        raise ValueError(f"padding={op.padding!r} is not supported")
+    return op.kernel_size[0], op.dilation[0], op.padding[0], op.stride[0]
 
 
 def receptive_field(decoder: nn.Module, hop: int = HOP) -> tuple[int, int]:
@@ -258,7 +275,7 @@ def receptive_field(decoder: nn.Module, hop: int = HOP) -> tuple[int, int]:
     j = 1000  # any latent step far from the edges; the decoder is shift-invariant
     lo, hi = j * hop, (j + 1) * hop - 1
     for op in reversed(list(positional_ops(decoder))):
-        k, d, p, s = op.kernel_size[0], op.dilation[0], op.padding[0], op.stride[0]
+        k, d, p, s = conv_geometry(op)
         if isinstance(op, nn.ConvTranspose1d):
             span = (k - 1) * d
             lo, hi = math.ceil((lo + p - span) / s), math.floor((hi + p) / s)
@@ -292,7 +309,8 @@ def _load_dir(path: Path) -> SNAC:
     if missing:
         raise ModelLoadError(f"SNAC model directory {str(path)!r} lacks {', '.join(missing)}")
     try:
-        return SNAC.from_pretrained(str(path))
+        model: SNAC = SNAC.from_pretrained(str(path))
+        return model
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load the SNAC model from {str(path)!r}: {type(exc).__name__}: {exc}"
@@ -322,7 +340,8 @@ def _load_hub(repo_id: str, hub_kwargs: Mapping[str, Any]) -> SNAC:
         if not hub_kwargs:
             # The local hub cache first: no network round trip when the model is there.
             try:
-                return SNAC.from_pretrained(repo_id, local_files_only=True)
+                cached: SNAC = SNAC.from_pretrained(repo_id, local_files_only=True)
+                return cached
             except Exception as exc:
                 if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "yes"):
                     raise ModelLoadError(
@@ -336,7 +355,8 @@ def _load_hub(repo_id: str, hub_kwargs: Mapping[str, Any]) -> SNAC:
                     "or set vllm.snac_model to a directory with config.json and "
                     "pytorch_model.bin"
                 )
-        return SNAC.from_pretrained(repo_id, **hub_kwargs)
+        model: SNAC = SNAC.from_pretrained(repo_id, **hub_kwargs)
+        return model
     except ModelLoadError:
         raise
     except Exception as exc:
@@ -355,7 +375,7 @@ def _random_warning(why: str) -> str:
 
 
 def load_snac(
-    settings: Any,
+    settings: UpstreamSettings,
     *,
     demo: bool,
     seed: int = 0,
@@ -363,8 +383,8 @@ def load_snac(
 ) -> LoadedModel:
     """Load, prepare and place the SNAC decoder that ``settings`` names.
 
-    ``settings`` is ``gateway.config.UpstreamSettings`` (``snac_model``, ``snac_device``,
-    ``snac_dtype``). ``hub_kwargs`` pass through to ``hf_hub_download`` (e.g.
+    ``settings`` names the model (``snac_model``, ``snac_device``, ``snac_dtype``).
+    ``hub_kwargs`` pass through to ``hf_hub_download`` (e.g.
     ``cache_dir``, ``local_files_only``). Raises :class:`ModelLoadError` naming the cause;
     with ``demo`` a model that cannot be loaded is replaced by random weights instead.
     Warm-up is separate (``SnacEngine.warm_up``, run by the decode worker at start).
