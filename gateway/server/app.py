@@ -157,7 +157,8 @@ class Gateway:
 
 
 def _gw(obj: Request | WebSocket) -> Gateway:
-    return obj.app.state.gateway
+    gateway: Gateway = obj.app.state.gateway  # starlette's State is untyped
+    return gateway
 
 
 async def _deny(ws: WebSocket, response: Response) -> NoReturn:

@@ -13,7 +13,8 @@ attempt starts from chunk 0. Otherwise the segment fails in place.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Protocol
 
 from gateway.errors import ErrorCode, GatewayError, UpstreamError
 from gateway.server.engine import SegmentJob, SegmentSink
@@ -25,12 +26,42 @@ FRAMES_PER_CHAR = 0.8
 segment's length for holding the first release of one generated slower than real time."""
 
 
+class PcmStream(Protocol):
+    """What the pipeline uses of one segment's decode stream."""
+
+    def push(self, frames: Iterable[Sequence[int]]) -> int: ...
+
+    def refresh(self) -> None: ...
+
+    def end(self) -> int: ...
+
+    def cancel(self) -> None: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+class Decoder(Protocol):
+    """What the pipeline uses of the decode worker."""
+
+    def open_stream(
+        self,
+        *,
+        session_id: str,
+        turn: int,
+        seq: int,
+        deadline: Callable[[], float],
+        plan_by_deadline: bool,
+        expected_frames: int,
+        paced: bool,
+    ) -> PcmStream: ...
+
+
 class Pipeline:
-    def __init__(self, pool: UpstreamPool, worker: Any) -> None:
+    def __init__(self, pool: UpstreamPool, worker: Decoder) -> None:
         self.pool = pool
         self.worker = worker
 
-    def _open(self, job: SegmentJob, sink: SegmentSink) -> Any:
+    def _open(self, job: SegmentJob, sink: SegmentSink) -> PcmStream:
         stream = self.worker.open_stream(
             session_id=job.session_id,
             turn=job.epoch,
@@ -98,12 +129,12 @@ class Pipeline:
             await _stop(stream, consumer)
 
 
-async def _drain(stream: Any, sink: SegmentSink) -> None:
+async def _drain(stream: PcmStream, sink: SegmentSink) -> None:
     async for pcm in stream.chunks():
         sink.audio(pcm)
 
 
-async def _stop(stream: Any, consumer: asyncio.Task[None]) -> None:
+async def _stop(stream: PcmStream, consumer: asyncio.Task[None]) -> None:
     """Stop decoding and wait for the drain task, without swallowing our own cancel."""
     stream.cancel()
     if not consumer.done():

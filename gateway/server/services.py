@@ -23,14 +23,21 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import Endpoint, Settings
 from gateway.errors import ServeError
 from gateway.llm import ChatLLM
-from gateway.server.app import Services
+from gateway.server.app import Services, ServicesFactory
 from gateway.server.metrics import Metrics
 from gateway.server.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    # Imported where they are used, so that the server module does not load torch.
+    from gateway.decoder.snac_model import LoadedModel
+    from gateway.decoder.worker import DecodeWorker, WindowEngine
+    from gateway.upstream.pool import RequestStats, UpstreamPool
 
 log = logging.getLogger("voicegw")
 
@@ -191,9 +198,9 @@ async def real_services(
     settings: Settings,
     metrics: Metrics,
     *,
-    model: Any = None,
+    model: LoadedModel | None = None,
     demo: DemoWiring | None = None,
-    engine: Any = None,
+    engine: WindowEngine | None = None,
 ) -> AsyncIterator[Services]:
     """``model``: an already loaded SNAC model (``run_server`` loads it before the server
     starts, so that a missing model is one line, not a lifespan traceback); ``demo``: the
@@ -271,7 +278,7 @@ async def real_services(
         )
 
 
-def _install_metrics(metrics: Metrics, pool: Any, worker: Any) -> None:
+def _install_metrics(metrics: Metrics, pool: UpstreamPool, worker: DecodeWorker) -> None:
     def upstream() -> dict[str, float]:
         s = pool.snapshot()
         return {
@@ -295,7 +302,7 @@ def _install_metrics(metrics: Metrics, pool: Any, worker: Any) -> None:
     metrics.add_callback(decoder, "voicegw_decoder", "SNAC decode worker")
 
 
-def _observe_request(metrics: Metrics, st: Any) -> None:
+def _observe_request(metrics: Metrics, st: RequestStats) -> None:
     metrics.upstream_queue_wait.observe(st.queue_wait_s)
     if st.ttft_s is not None:
         metrics.upstream_ttft.observe(st.ttft_s)
@@ -314,7 +321,7 @@ def run_server(settings: Settings) -> int:
     srv = settings.gateway.server
     caught: list[int] = []
 
-    def on_signal(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         # SIGINT and SIGTERM as an exception, so that every ``finally`` (the demo's child
         # process) runs; uvicorn re-raises them here after its graceful shutdown.
         caught.append(signum)
@@ -359,7 +366,7 @@ def run_server(settings: Settings) -> int:
 
 
 def _serve(
-    settings: Settings, sock: socket.socket, factory: Any, child: DemoUpstream | None
+    settings: Settings, sock: socket.socket, factory: ServicesFactory, child: DemoUpstream | None
 ) -> int:
     import uvicorn
 
