@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["fake-vllm"]:
         # The fake server has its own flags; hand them over untouched.
-        from gateway.fake_vllm import main as fake_main
+        from gateway.devtools.fake_vllm import main as fake_main
 
         return fake_main(argv[1:])
     try:

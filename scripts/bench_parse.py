@@ -18,7 +18,7 @@ import orjson
 
 from gateway.core.codec import TokenParser
 from gateway.core.sse import SSEParser
-from gateway.fake_vllm import expected_frames
+from gateway.devtools.fake_vllm import expected_frames
 
 TOKENS_PER_SECOND_REAL_TIME = 7 * 24_000 / 2048  # 82 tokens make one second of audio
 

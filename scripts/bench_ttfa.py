@@ -41,7 +41,7 @@ from gateway.config import load_settings  # noqa: E402
 from gateway.core.chunker import ChunkPolicy  # noqa: E402
 from gateway.decoder.engine import decode_utterance, snr_db  # noqa: E402
 from gateway.decoder.snac_model import load_snac, write_random_weights  # noqa: E402
-from gateway.fake_vllm import expected_frames  # noqa: E402
+from gateway.devtools.fake_vllm import expected_frames  # noqa: E402
 from gateway.vocab import SAMPLES_PER_FRAME  # noqa: E402
 
 TEXTS = [

@@ -29,11 +29,11 @@ import httpx
 import orjson
 
 from gateway.config import load_settings
-from gateway.fake_vllm import FakeVLLMOptions
+from gateway.devtools.fake_vllm import FakeVLLMOptions
+from gateway.devtools.running import run_fake_vllm
 from gateway.server.app import create_app
 from gateway.server.services import real_services
 from gateway.serving import serve_asgi
-from gateway.testing import run_fake_vllm
 
 TEXT = " ".join(
     f"This is sentence number {i}, long enough to keep the upstream busy for a while."

@@ -39,7 +39,7 @@ from gateway.core.codec import build_prompt
 from gateway.decoder.engine import SnacEngine, decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
 from gateway.decoder.worker import DecodeWorker
-from gateway.fake_vllm import (
+from gateway.devtools.fake_vllm import (
     FakeVLLM,
     FakeVLLMOptions,
     Fault,

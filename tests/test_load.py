@@ -24,11 +24,11 @@ from gateway.core.codec import VOICES
 from gateway.core.segmenter import Segmenter, SegmenterOptions
 from gateway.decoder.engine import decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
-from gateway.fake_vllm import FakeVLLMOptions, expected_frames
+from gateway.devtools.fake_vllm import FakeVLLMOptions, expected_frames
+from gateway.devtools.running import run_fake_vllm
 from gateway.server.app import create_app
 from gateway.server.services import real_services
 from gateway.serving import serve_asgi
-from gateway.testing import run_fake_vllm
 
 pytestmark = pytest.mark.anyio
 

@@ -32,7 +32,7 @@ from websockets.asyncio.client import connect
 
 from gateway.decoder.engine import decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
-from gateway.fake_vllm import expected_frames
+from gateway.devtools.fake_vllm import expected_frames
 from gateway.vocab import SAMPLE_RATE
 from tests.hostile.stack import (
     FAKE_SEED,

@@ -22,8 +22,8 @@ import httpx
 import psutil
 import yaml
 
-from gateway.fake_vllm import FakeVLLMOptions
-from gateway.testing import FakeVLLMThread, RunningFake
+from gateway.devtools.fake_vllm import FakeVLLMOptions
+from gateway.devtools.running import FakeVLLMThread, RunningFake
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.decoder.snac_model import LoadedModel
-from gateway.fake_vllm import Fault
+from gateway.devtools.fake_vllm import Fault
 from tests.hostile.health import checked
 from tests.hostile.stack import KEY_A, REQUEST_TIMEOUT_MS, Stack
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.fake_vllm import FakeVLLMOptions, chat_reply
-from gateway.testing import run_fake_vllm
+from gateway.devtools.fake_vllm import FakeVLLMOptions, chat_reply
+from gateway.devtools.running import run_fake_vllm
 from tests.server.conftest import running_gateway
 from tests.server.fakes import FakeSynth, fake_services
 from tests.server.test_session import recv_until, send

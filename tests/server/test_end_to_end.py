@@ -23,11 +23,11 @@ from websockets.asyncio.client import connect
 
 from gateway.decoder.engine import decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
-from gateway.fake_vllm import FakeVLLMOptions, expected_frames
+from gateway.devtools.fake_vllm import FakeVLLMOptions, expected_frames
+from gateway.devtools.running import RunningFake, run_fake_vllm
 from gateway.server.app import create_app
 from gateway.server.services import real_services
 from gateway.serving import serve_asgi
-from gateway.testing import RunningFake, run_fake_vllm
 from tests.conftest_snac import snac_weights_dir
 from tests.test_load import MAX_TOKENS, expected_segments, settings_for
 

@@ -24,8 +24,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from gateway.core.codec import VOICES
+from gateway.devtools.fake_vllm import FakeVLLMOptions
 from gateway.errors import ErrorCode, UpstreamError
-from gateway.fake_vllm import FakeVLLMOptions
 from gateway.server.app import create_app
 from gateway.server.speech import BadRequestError, parse_speech
 from gateway.serving import serve_asgi

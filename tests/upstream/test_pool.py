@@ -17,9 +17,9 @@ import pytest
 
 from gateway.clock import FakeClock
 from gateway.config import Endpoint, RetrySettings, TimeoutSettings, UpstreamSettings
+from gateway.devtools.fake_vllm import FakeVLLMOptions, Fault, Faults, expected_frames
+from gateway.devtools.running import run_fake_vllm
 from gateway.errors import ContextLengthError, ErrorCode, OverloadedError, UpstreamError
-from gateway.fake_vllm import FakeVLLMOptions, Fault, Faults, expected_frames
-from gateway.testing import run_fake_vllm
 from gateway.upstream import (
     AudioFrames,
     RequestStats,

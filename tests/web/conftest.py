@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from gateway.fake_vllm import FakeVLLMOptions
+from gateway.devtools.fake_vllm import FakeVLLMOptions
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

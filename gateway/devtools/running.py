@@ -18,7 +18,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.fake_vllm import FakeVLLM, FakeVLLMOptions, create_fake_vllm_app
+from gateway.devtools.fake_vllm import FakeVLLM, FakeVLLMOptions, create_fake_vllm_app
 from gateway.serving import QuietServer, bind, wait_started
 
 
