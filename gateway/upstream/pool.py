@@ -6,20 +6,20 @@ calls :meth:`UpstreamPool.synthesize` and iterates the returned :class:`Synthesi
     async with pool.synthesize(req, may_restart=lambda: reorder.retract(epoch, seq)) as syn:
         async for ev in syn:
             if isinstance(ev, AudioFrames):
-                decode(ev.attempt, ev.frames)      # audio for this attempt
+                decode(ev.frames)                  # the next frames, in order
             else:  # Restart: the attempt failed before any of its audio was played
-                drop_audio_of_attempts_before(ev.attempt)
+                drop_this_segments_audio()         # the next attempt starts from frame 0
         stats = syn.result
 
 **Earliest audio, still correct.** Frames are handed out the moment the token parser
 completes them, while vLLM is still generating: nothing is held back for a possible
-retry. Correctness comes from the retry rule instead: a failed attempt is retried only
-while none of the segment's audio has reached the client. The caller says when that
-happens with :meth:`Synthesis.mark_audio_sent`, or, race-free, answers
-``may_restart()`` (asked right before a retry of an attempt that produced frames; the
-reorder buffer's ``retract`` fits exactly). On a retry a :class:`Restart` event comes
-first, and every later frame carries the new ``attempt`` number, so audio already
-decoded from the abandoned attempt can be told apart and dropped.
+retry. Correctness comes from the retry rule instead: a failed attempt that handed out
+frames is retried only if ``may_restart()`` says none of the segment's audio has reached
+the client. It is asked once, as the last step before such a retry, so an answer that
+also takes the audio back (the reorder buffer's ``retract``, the one authority on what
+was released) is race-free. On a retry a :class:`Restart` event comes first; every
+frame after it belongs to the new attempt. The decisions themselves (retry or not,
+where, after how long) are :mod:`gateway.core.attempts`.
 
 **Work per segment** happens in the caller's task, driven by its iteration: no hidden
 tasks. Leaving the ``async with`` (normally, by error, or by cancellation) closes the
@@ -48,15 +48,24 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import httpx
 
 from gateway.clock import Clock, monotonic
 from gateway.config import UpstreamSettings
 from gateway.core.admission import Admission, Grant, Ticket
+from gateway.core.attempts import (
+    Attempts,
+    Decision,
+    Done,
+    Failure,
+    GiveUp,
+    RetryPolicy,
+    TakeBack,
+)
 from gateway.core.codec import ParserStats, TokenParser
-from gateway.errors import ContextLengthError, ErrorCode, OverloadedError, UpstreamError
+from gateway.errors import ErrorCode, OverloadedError, UpstreamError
 from gateway.upstream.client import (
     ContextTooLong,
     TtsRequest,
@@ -77,23 +86,19 @@ Outcome = Literal["ok", "truncated", "error", "cancelled"]
 
 @dataclass(frozen=True, slots=True)
 class AudioFrames:
-    """Complete frames of attempt ``attempt``; ``start`` is the first one's index in it."""
+    """The next complete frames of the current attempt, in order."""
 
-    attempt: int
-    start: int
     frames: tuple[Frame, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Restart:
-    """Attempt ``attempt - 1`` failed before its audio was played; ``attempt`` begins.
+    """The attempt failed before its audio was played; the next one begins.
 
-    Everything the caller holds from earlier attempts (``discarded_frames`` frames of
-    the last one) must be dropped: the new attempt starts again from frame 0.
+    Everything the caller holds of this segment must be dropped: the next attempt
+    starts again from frame 0. ``code`` and ``message`` say why.
     """
 
-    attempt: int
-    discarded_frames: int
     code: str
     message: str
 
@@ -178,6 +183,57 @@ class _Health:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The endpoint an attempt was granted."""
+
+    index: int
+    client: UpstreamClient
+    max_model_len: int | None
+    """What ``/v1/models`` reported, if known: ``max_tokens`` must not exceed it."""
+
+
+Counter = Literal["retries", "context_fits"]
+
+
+class SegmentHost(Protocol):
+    """The pool as one segment's :class:`Synthesis` sees it, and all it may do with it."""
+
+    @property
+    def settings(self) -> UpstreamSettings: ...
+
+    def now(self) -> float:
+        """The figures' clock."""
+        ...
+
+    async def wait(self, seconds: float) -> None:
+        """Back off before a retry."""
+
+    def attempts(self) -> Attempts:
+        """A fresh attempt state machine with the configured retry policy."""
+        ...
+
+    def open_segment(self, req: TtsRequest) -> Ticket:
+        """Take ``req``'s place in the admission queue."""
+        ...
+
+    async def admit(self, ticket: Ticket, *, avoid: int | None, retry: bool) -> Target:
+        """Wait for a slot on an endpoint (preferably not ``avoid``)."""
+        ...
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back the slot (the attempt's stream is closed)."""
+
+    def report(self, endpoint: int, failure: UpstreamError | None) -> None:
+        """An attempt on ``endpoint`` completed (``None``) or failed: the endpoint's health."""
+
+    def count(self, what: Counter) -> None:
+        """A retry or a context fit happened."""
+
+    def close_segment(self, ticket: Ticket, stats: RequestStats) -> None:
+        """The segment ended: give back its queue place, record its figures."""
+
+
 class UpstreamPool:
     """Every configured vLLM endpoint behind one bounded, fair admission queue."""
 
@@ -224,6 +280,12 @@ class UpstreamPool:
             0,
         )  # fmt: skip
         self._errors: dict[str, int] = {}
+        r = settings.retry
+        self._policy = RetryPolicy(
+            max_retries=r.max_retries if r.enabled else 0,
+            total_s=settings.timeout.total / 1000,
+            max_wait_s=r.max_wait_ms / 1000,
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -277,17 +339,73 @@ class UpstreamPool:
         """Speak one segment. Nothing happens until the result is iterated."""
         return Synthesis(self, req, may_restart)
 
+    # ------------------------------------------------------------------ segment interface
+    # What a Synthesis does with the pool (SegmentHost), and nothing else uses.
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def wait(self, seconds: float) -> None:
+        await self._sleep(seconds)
+
+    def attempts(self) -> Attempts:
+        retry = self.settings.retry
+        return Attempts(self._policy, lambda n: backoff_delay(retry, n, self._rng))
+
+    def open_segment(self, req: TtsRequest) -> Ticket:
+        ticket = self._admission.open(req.session_id, req.turn, req.seq)
+        self._counts["submitted"] += 1
+        return ticket
+
+    async def admit(self, ticket: Ticket, *, avoid: int | None, retry: bool) -> Target:
+        i = await self._acquire(ticket, avoid=avoid, retry=retry)
+        h = self._health[i]
+        h.requests += 1
+        return Target(i, self._clients[i], h.max_model_len)
+
+    def release(self, ticket: Ticket) -> None:
+        self._deliver(self._admission.release(ticket))
+
+    def report(self, endpoint: int, failure: UpstreamError | None) -> None:
+        h = self._health[endpoint]
+        if failure is None:
+            h.consecutive = 0
+            return
+        h.last_error = failure.message
+        if not counts_against_endpoint(failure):
+            return
+        h.failures += 1
+        h.consecutive += 1
+        if h.consecutive >= self.settings.eject_after_failures:
+            self._eject(endpoint, f"{h.consecutive} consecutive failures, last: {failure.message}")
+
+    def count(self, what: Counter) -> None:
+        self._counts[what] += 1
+
+    def close_segment(self, ticket: Ticket, stats: RequestStats) -> None:
+        self._waiters.pop(ticket.id, None)
+        self._deliver(self._admission.close(ticket))
+        key = {"ok": "ok", "truncated": "truncated", "error": "failed", "cancelled": "cancelled"}
+        self._counts[key[stats.outcome]] += 1
+        if stats.error_code:
+            self._errors[stats.error_code] = self._errors.get(stats.error_code, 0) + 1
+        if self._on_done is not None:
+            try:
+                self._on_done(stats)
+            except Exception:
+                log.exception("on_request_done hook failed")
+
     def snapshot(self) -> PoolStats:
         a = self._admission.stats()
         now = self._clock()
         eps = []
-        for i, c in enumerate(self._clients):
+        for i, client in enumerate(self._clients):
             h = self._health[i]
             load = a.endpoints[i]
             eps.append(
                 EndpointStats(
-                    name=c.name,
-                    base_url=c.base_url,
+                    name=client.name,
+                    base_url=client.base_url,
                     available=load.available,
                     in_flight=load.in_flight,
                     capacity=load.capacity,
@@ -302,19 +420,19 @@ class UpstreamPool:
                     last_error=h.last_error,
                 )
             )
-        c = self._counts
+        counts = self._counts
         return PoolStats(
             in_flight=a.running,
             waiting=a.waiting,
             queue_limit=self._queue_limit,
-            submitted=c["submitted"],
-            ok=c["ok"],
-            truncated=c["truncated"],
-            failed=c["failed"],
-            cancelled=c["cancelled"],
-            overloaded=c["overloaded"],
-            retries=c["retries"],
-            context_fits=c["context_fits"],
+            submitted=counts["submitted"],
+            ok=counts["ok"],
+            truncated=counts["truncated"],
+            failed=counts["failed"],
+            cancelled=counts["cancelled"],
+            overloaded=counts["overloaded"],
+            retries=counts["retries"],
+            context_fits=counts["context_fits"],
             errors=dict(self._errors),
             endpoints=tuple(eps),
         )
@@ -391,19 +509,6 @@ class UpstreamPool:
         )
         self._deliver(self._admission.set_available(i, False))
 
-    def _on_success(self, i: int) -> None:
-        self._health[i].consecutive = 0
-
-    def _on_failure(self, i: int, err: UpstreamError) -> None:
-        h = self._health[i]
-        h.last_error = err.message
-        if not counts_against_endpoint(err):
-            return
-        h.failures += 1
-        h.consecutive += 1
-        if h.consecutive >= self.settings.eject_after_failures:
-            self._eject(i, f"{h.consecutive} consecutive failures, last: {err.message}")
-
     async def _acquire(self, ticket: Ticket, *, avoid: int | None, retry: bool) -> int:
         if self._closed:
             raise UpstreamError("the upstream pool is closed", transient=False)
@@ -425,13 +530,6 @@ class UpstreamPool:
             self._deliver(self._admission.release(ticket))
             raise
 
-    def _release(self, ticket: Ticket) -> None:
-        self._deliver(self._admission.release(ticket))
-
-    def _close(self, ticket: Ticket) -> None:
-        self._waiters.pop(ticket.id, None)
-        self._deliver(self._admission.close(ticket))
-
     def _deliver(self, grants: list[Grant]) -> None:
         """Wake the waiters of new grants; pass on a grant whose waiter has gone."""
         work = list(grants)
@@ -443,23 +541,11 @@ class UpstreamPool:
                 continue
             fut.set_result(g.endpoint)
 
-    def _record(self, stats: RequestStats) -> None:
-        key = {"ok": "ok", "truncated": "truncated", "error": "failed", "cancelled": "cancelled"}
-        self._counts[key[stats.outcome]] += 1
-        if stats.error_code:
-            self._errors[stats.error_code] = self._errors.get(stats.error_code, 0) + 1
-        if self._on_done is not None:
-            try:
-                self._on_done(stats)
-            except Exception:
-                log.exception("on_request_done hook failed")
-
 
 @dataclass(slots=True)
 class _Figures:
     endpoint: str | None = None
     attempts: int = 0
-    fitted: bool = False
     max_tokens: int | None = None
     finish_reason: str | None = None
     queue_wait: float = 0.0
@@ -479,29 +565,14 @@ class Synthesis:
     """
 
     def __init__(
-        self, pool: UpstreamPool, req: TtsRequest, may_restart: Callable[[], bool] | None
+        self, host: SegmentHost, req: TtsRequest, may_restart: Callable[[], bool] | None
     ) -> None:
-        self._pool = pool
+        self._host = host
         self.request = req
         self._may_restart = may_restart
-        self._audio_sent = False
         self._gen: AsyncGenerator[SynthEvent, None] | None = None
-        self._attempt = 0
         self.result: RequestStats | None = None
         """The figures, set once the segment has finished (any outcome)."""
-
-    @property
-    def attempt(self) -> int:
-        """The current attempt number (1-based; 0 before the first request)."""
-        return self._attempt
-
-    @property
-    def audio_sent(self) -> bool:
-        return self._audio_sent
-
-    def mark_audio_sent(self) -> None:
-        """Some of this segment's audio reached the client: from now on, no retry."""
-        self._audio_sent = True
 
     def __aiter__(self) -> Synthesis:
         return self
@@ -522,68 +593,50 @@ class Synthesis:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _can_restart(self, frames_out: int) -> bool:
-        if self._audio_sent:
-            return False
-        if frames_out and self._may_restart is not None:
-            return bool(self._may_restart())
-        return True
-
     async def _run(self) -> AsyncGenerator[SynthEvent, None]:
         # One generator holds the whole segment, so that aclose() reaches every
         # ``finally`` below: the HTTP stream, the slot, the figures.
-        pool = self._pool
-        s = pool.settings
+        host = self._host
         req = self.request
-        loop = asyncio.get_running_loop()
-        clock = pool._clock
-        t0 = clock()
+        # The attempts run on the loop's clock: the client enforces the total deadline
+        # on it. The figures use the host's.
+        loop_time = asyncio.get_running_loop().time
+        t0 = host.now()
         fig = _Figures()
-        ticket = pool._admission.open(req.session_id, req.turn, req.seq)
-        pool._counts["submitted"] += 1
+        att = host.attempts()
+        ticket = host.open_segment(req)
         outcome: Outcome = "cancelled"
         error: UpstreamError | None = None
-        max_retries = s.retry.max_retries if s.retry.enabled else 0
-        retries = 0
-        max_tokens: int | None = None
-        avoid: int | None = None
-        total_deadline: float | None = None
         try:
             while True:
-                self._attempt += 1
-                attempt = self._attempt
-                fig.attempts = attempt
-                waited = clock()
-                ep = await pool._acquire(ticket, avoid=avoid, retry=attempt > 1)
-                fig.queue_wait += clock() - waited
-                if total_deadline is None:
-                    total_deadline = loop.time() + s.timeout.total / 1000
-                client = pool._clients[ep]
-                pool._health[ep].requests += 1
-                fig.endpoint = client.name
-                body = build_body(s, req, max_tokens=max_tokens)
-                limit = pool._health[ep].max_model_len
-                if limit is not None and body["max_tokens"] > limit:
+                plan = att.plan()
+                fig.attempts = plan.attempt
+                waited = host.now()
+                target = await host.admit(ticket, avoid=plan.avoid, retry=plan.retry)
+                fig.queue_wait += host.now() - waited
+                fig.endpoint = target.client.name
+                body = build_body(host.settings, req, max_tokens=plan.max_tokens)
+                if target.max_model_len is not None and body["max_tokens"] > target.max_model_len:
                     # vLLM refuses max_tokens over max_model_len (400) whatever the prompt;
                     # up to it, current vLLM lowers max_tokens to fit beside the prompt.
-                    body["max_tokens"] = limit
+                    body["max_tokens"] = target.max_model_len
                 fig.max_tokens = body["max_tokens"]
+                deadline = att.started(target.index, body["max_tokens"], loop_time())
                 parser = TokenParser()
-                frames_out = 0
                 tokens = 0
                 failure: UpstreamError | None = None
                 try:
-                    async with client.stream(
-                        body, request_id=f"{req.label}/{attempt}", total_deadline=total_deadline
+                    async with target.client.stream(
+                        body, request_id=f"{req.label}/{plan.attempt}", total_deadline=deadline
                     ) as cs:
                         while (text := await cs.read()) is not None:
                             tokens += text.count("<custom_token_")
                             frames = parser.feed(text)
                             if frames:
                                 if fig.first_audio is None:
-                                    fig.first_audio = clock() - t0
-                                yield AudioFrames(attempt, frames_out, tuple(frames))
-                                frames_out += len(frames)
+                                    fig.first_audio = host.now() - t0
+                                yield AudioFrames(tuple(frames))
+                                att.frames(len(frames))
                         # A trailing partial frame cannot be decoded; flush() counts it.
                         parser.flush()
                         fig.finish_reason = cs.finish_reason
@@ -596,18 +649,25 @@ class Synthesis:
                 finally:
                     # The stream is closed by now; free the slot before any backoff.
                     fig.tokens = tokens
-                    fig.frames = frames_out
+                    fig.frames = att.delivered
                     fig.parser = parser.stats
-                    pool._release(ticket)
+                    host.release(ticket)
+                host.report(target.index, failure)
+                decision: Decision
                 if failure is None:
-                    pool._on_success(ep)
-                    if frames_out == 0 and fig.finish_reason != "length":
-                        raise UpstreamError(
-                            f"vLLM finished ({fig.finish_reason}) without a single audio frame",
-                            code=ErrorCode.NO_AUDIO,
-                            transient=False,
-                        )
-                    if fig.finish_reason == "length":
+                    decision = att.finished(fig.finish_reason)
+                else:
+                    decision = att.failed(_failure(failure), loop_time())
+                if isinstance(decision, TakeBack):
+                    may = self._may_restart
+                    decision = att.taken_back(may is None or bool(may()))
+                if isinstance(decision, GiveUp):
+                    if decision.cause is None:
+                        raise decision.error
+                    raise decision.error from decision.cause
+                if isinstance(decision, Done):
+                    outcome = decision.outcome
+                    if outcome == "truncated":
                         # A client may choose a small max_tokens: not the operator's problem,
                         # and a line per segment would let one session flood the log. The
                         # segments_total{outcome="truncated"} counter shows it.
@@ -615,55 +675,29 @@ class Synthesis:
                             "segment %s truncated: max_tokens=%s reached after %d frames",
                             req.label,
                             fig.max_tokens,
-                            frames_out,
+                            att.delivered,
                         )
-                        outcome = "truncated"
-                    else:
-                        outcome = "ok"
                     return
-                pool._on_failure(ep, failure)
-                if isinstance(failure, ContextTooLong):
-                    fitted = fit_max_tokens(failure.info) if failure.info else None
-                    current = fig.max_tokens or 0
-                    if fig.fitted or fitted is None or fitted >= current:
-                        why = (
-                            f"still too long after lowering max_tokens to {current}"
-                            if fig.fitted
-                            else "the prompt alone does not fit"
-                        )
-                        raise ContextLengthError(f"{failure.message} ({why})") from failure
-                    if not self._can_restart(frames_out):
-                        raise failure
-                    fig.fitted = True
-                    max_tokens = fitted
-                    pool._counts["context_fits"] += 1
-                    log.info("segment %s: lowering max_tokens to %d to fit", req.label, fitted)
-                    yield Restart(attempt + 1, frames_out, failure.code.value, failure.message)
-                    continue
-                if not failure.transient or retries >= max_retries:
-                    raise failure
-                if not self._can_restart(frames_out):
-                    raise failure
-                delay = backoff_delay(s.retry, retries + 1, pool._rng)
-                retry_after = (
-                    failure.retry_after if isinstance(failure, UpstreamHTTPError) else None
-                )
-                if retry_after is not None:
-                    delay = max(delay, min(retry_after, s.retry.max_wait_ms / 1000))
-                if loop.time() + delay >= total_deadline:
-                    raise failure
-                retries += 1
-                pool._counts["retries"] += 1
-                log.info(
-                    "segment %s attempt %d failed (%s); retrying in %.0f ms",
-                    req.label,
-                    attempt,
-                    failure.message,
-                    delay * 1000,
-                )
-                yield Restart(attempt + 1, frames_out, failure.code.value, failure.message)
-                await pool._sleep(delay)
-                avoid = ep
+                err = decision.error
+                if decision.fitted:
+                    host.count("context_fits")
+                    log.info(
+                        "segment %s: lowering max_tokens to %d to fit",
+                        req.label,
+                        att.plan().max_tokens,
+                    )
+                    yield Restart(err.code.value, err.message)
+                else:
+                    host.count("retries")
+                    log.info(
+                        "segment %s attempt %d failed (%s); retrying in %.0f ms",
+                        req.label,
+                        plan.attempt,
+                        err.message,
+                        decision.wait_s * 1000,
+                    )
+                    yield Restart(err.code.value, err.message)
+                    await host.wait(decision.wait_s)
         except UpstreamError as exc:
             outcome = "error"
             error = exc
@@ -675,7 +709,6 @@ class Synthesis:
             error = UpstreamError(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL)
             raise
         finally:
-            pool._close(ticket)
             self.result = RequestStats(
                 session_id=req.session_id,
                 turn=req.turn,
@@ -686,7 +719,7 @@ class Synthesis:
                 error_message=error.message if error is not None else None,
                 endpoint=fig.endpoint,
                 attempts=fig.attempts,
-                context_fitted=fig.fitted,
+                context_fitted=att.fitted,
                 max_tokens=fig.max_tokens,
                 finish_reason=fig.finish_reason,
                 queue_wait_s=fig.queue_wait,
@@ -695,7 +728,16 @@ class Synthesis:
                 tokens=fig.tokens,
                 tokens_per_s=fig.tokens_per_s,
                 frames=fig.frames,
-                duration_s=clock() - t0,
+                duration_s=host.now() - t0,
                 parser=fig.parser,
             )
-            pool._record(self.result)
+            host.close_segment(ticket, self.result)
+
+
+def _failure(exc: UpstreamError) -> Failure:
+    """What the attempt machine needs to know of a failure."""
+    if isinstance(exc, ContextTooLong):
+        fits = fit_max_tokens(exc.info) if exc.info else None
+        return Failure(exc, too_long=True, fits=fits)
+    retry_after = exc.retry_after if isinstance(exc, UpstreamHTTPError) else None
+    return Failure(exc, retry_after=retry_after)

@@ -17,6 +17,7 @@ import pytest
 
 from gateway.clock import FakeClock
 from gateway.config import Endpoint, RetrySettings, TimeoutSettings, UpstreamSettings
+from gateway.core.reorder import ReorderBuffer
 from gateway.devtools.fake_vllm import FakeVLLMOptions, Fault, Faults, expected_frames
 from gateway.devtools.running import run_fake_vllm
 from gateway.errors import ContextLengthError, ErrorCode, OverloadedError, UpstreamError
@@ -29,7 +30,7 @@ from gateway.upstream import (
     TtsRequest,
     UpstreamPool,
 )
-from gateway.vocab import Frame
+from gateway.vocab import AudioChunk, Frame
 
 pytestmark = pytest.mark.anyio
 
@@ -183,6 +184,17 @@ async def collect(syn: Synthesis) -> tuple[list[Frame], list[SynthEvent]]:
     return frames, events
 
 
+def per_attempt(events: Sequence[SynthEvent]) -> list[list[Frame]]:
+    """The frames each attempt handed out: a Restart closes one attempt, opens the next."""
+    attempts: list[list[Frame]] = [[]]
+    for ev in events:
+        if isinstance(ev, Restart):
+            attempts.append([])
+        else:
+            attempts[-1].extend(ev.frames)
+    return attempts
+
+
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -201,11 +213,11 @@ async def test_frames_are_handed_out_while_the_model_is_still_generating() -> No
     pool, _, _ = make_pool(up)
     async with pool, pool.synthesize(req()) as syn:
         first = await anext(syn)
-        assert first == AudioFrames(1, 0, (frame(0),))
+        assert first == AudioFrames((frame(0),))
         assert not up.bodies[0].closed  # the stream is still open: nothing was buffered
         gate.set()
         rest = [ev async for ev in syn]
-    assert rest == [AudioFrames(1, 1, (frame(0),))]
+    assert rest == [AudioFrames((frame(0),))]
     assert syn.result is not None and syn.result.outcome == "ok" and syn.result.frames == 2
     assert syn.result.ttft_s is not None and syn.result.first_audio_s is not None
 
@@ -222,8 +234,9 @@ async def test_transient_failures_are_retried_with_backoff() -> None:
         frames, events = await collect(pool.synthesize(req()))
     assert frames == [frame(0), frame(1)]
     restarts = [e for e in events if isinstance(e, Restart)]
-    assert [r.attempt for r in restarts] == [2, 3, 4]
-    assert [r.discarded_frames for r in restarts] == [0, 0, 2]
+    # Four attempts; the third handed out two frames before its stream dropped, which the
+    # fourth replaces from frame 0.
+    assert per_attempt(events) == [[], [], [frame(0), frame(1)], [frame(0), frame(1)]]
     assert restarts[0].code == "upstream_unavailable" and restarts[2].code == "upstream_error"
     # Exponential, equal jitter: 100, 200, 400 ms steps, each in [step/2, step].
     for d, step in zip(sleeper.delays, (0.1, 0.2, 0.4), strict=True):
@@ -289,16 +302,64 @@ async def test_retries_run_out() -> None:
     assert len(up2.requests) == 1
 
 
+def decode_into(
+    reorder: ReorderBuffer, seq: int, events: list[SynthEvent]
+) -> Callable[[SynthEvent], None]:
+    """Stand-in for the decoder and the session: each frame becomes one chunk of audio in
+    the reorder buffer, the one authority on what has been released to the client."""
+    chunks = 0
+
+    def on_event(ev: SynthEvent) -> None:
+        nonlocal chunks
+        events.append(ev)
+        if isinstance(ev, Restart):
+            chunks = 0  # the next attempt's audio starts again from chunk 0
+            return
+        for _ in ev.frames:
+            reorder.push(AudioChunk(0, seq, chunks, b"\0\0"))
+            chunks += 1
+
+    return on_event
+
+
 async def test_no_retry_once_audio_reached_the_client() -> None:
+    """Segment 0 is the head: its first chunk is released at once, so the reorder buffer
+    refuses to retract it, and the dropped stream fails the segment instead of a retry."""
     up = Upstream(stream_response([event(frame_text(0)), event(frame_text(1))]))  # drops
-    pool, _, _ = make_pool(up)
-    async with pool, pool.synthesize(req()) as syn:
+    reorder = ReorderBuffer()
+    events: list[SynthEvent] = []
+    on_event = decode_into(reorder, 0, events)
+    pool, _, sleeper = make_pool(up)
+    async with pool, pool.synthesize(req(0), may_restart=lambda: reorder.retract(0, 0)) as syn:
         with pytest.raises(UpstreamError) as exc:
             async for ev in syn:
-                assert isinstance(ev, AudioFrames)
-                syn.mark_audio_sent()
-    assert exc.value.transient and len(up.requests) == 1
+                on_event(ev)
+    assert exc.value.transient and len(up.requests) == 1 and sleeper.delays == []
+    assert not any(isinstance(e, Restart) for e in events)
+    assert [c.index for c in reorder.take() if isinstance(c, AudioChunk)] == [0, 1]
     assert syn.result is not None and syn.result.frames == 2 and syn.result.outcome == "error"
+    assert pool.snapshot().retries == 0
+
+
+async def test_held_audio_is_taken_back_and_the_retry_starts_over() -> None:
+    """Segment 1 waits behind segment 0: its audio is held, not released, so the reorder
+    buffer takes it back and the retry replaces it from chunk 0."""
+    up = Upstream(
+        stream_response([event(frame_text(0)), event(frame_text(1))]),  # drops
+        stream_response(good_stream(3)),
+    )
+    reorder = ReorderBuffer()
+    events: list[SynthEvent] = []
+    on_event = decode_into(reorder, 1, events)
+    pool, _, _ = make_pool(up)
+    async with pool, pool.synthesize(req(1), may_restart=lambda: reorder.retract(0, 1)) as syn:
+        async for ev in syn:
+            if isinstance(ev, Restart):
+                assert reorder.buffered_bytes == 0  # taken back before the restart
+            on_event(ev)
+    assert len(up.requests) == 2 and reorder.buffered_bytes == 3 * 2
+    assert per_attempt(events) == [[frame(0), frame(1)], [frame(0), frame(1), frame(2)]]
+    assert syn.result is not None and syn.result.outcome == "ok" and syn.result.attempts == 2
 
 
 async def test_may_restart_is_asked_before_retrying_an_attempt_with_frames() -> None:
@@ -702,7 +763,8 @@ async def test_live_stall_times_out_and_the_retry_succeeds() -> None:
         frames, events = await collect(syn := pool.synthesize(req()))
         assert frames == expected_frames("tara", TEXT)
         restart = next(e for e in events if isinstance(e, Restart))
-        assert restart.code == "upstream_timeout" and restart.discarded_frames == 3
+        assert restart.code == "upstream_timeout"
+        assert [len(frames) for frames in per_attempt(events)] == [3, len(frames)]
         assert syn.result is not None and syn.result.attempts == 2
         # Closing the stalled stream reached the server: it aborted that request.
         await until(lambda: fake.fake.stats().cancelled == 1)
