@@ -24,6 +24,7 @@ from urllib.parse import unquote_plus
 
 import h11
 import uvicorn
+from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ def guarded_h11(request_timeout_s: float) -> type[H11Protocol]:
         _head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            # uvicorn narrows asyncio's BaseTransport parameter to Transport (and ignores
+            # the override error itself); the loop always hands a protocol a Transport.
             super().connection_made(transport)  # type: ignore[arg-type]
             self._watch_head()
 
@@ -210,7 +213,7 @@ def install_log_filters() -> None:
 
 @contextlib.asynccontextmanager
 async def serve_asgi(
-    app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any
+    app: ASGIApp, host: str = "127.0.0.1", port: int = 0, **config: Any
 ) -> AsyncIterator[Served]:
     """Serve ``app`` for the duration of the ``async with``; shut down cleanly after.
 

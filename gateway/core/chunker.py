@@ -42,7 +42,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.errors import DecoderError
 from gateway.vocab import CODES_PER_FRAME, SAMPLE_RATE, SAMPLES_PER_FRAME, Frame
@@ -66,6 +66,24 @@ frames, an eight-frame chunk as much as twelve: small chunks are expensive."""
 # (by the third frame: when the shipped first chunk can be cut); before that,
 # ``ramp_speed`` stands in for it.
 _SPEED_AFTER_FRAMES = 2
+
+
+class ChunkConfig(Protocol):
+    """What :meth:`ChunkPolicy.from_settings` reads: ``gateway.config.DecoderSettings``,
+    named by its shape so that this core does not import the config module."""
+
+    @property
+    def context_frames(self) -> int: ...
+    @property
+    def first_chunk_frames(self) -> int: ...
+    @property
+    def chunk_frames(self) -> int: ...
+    @property
+    def first_chunk_right_context(self) -> int: ...
+    @property
+    def ramp_speed(self) -> float: ...
+    @property
+    def ramp_slack_frames(self) -> float: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +123,8 @@ class ChunkPolicy:
             )
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ChunkPolicy:
-        """Build from ``gateway.config.DecoderSettings`` (duck-typed to keep this core pure)."""
+    def from_settings(cls, settings: ChunkConfig) -> ChunkPolicy:
+        """Build from ``gateway.config.DecoderSettings``."""
         return cls(
             context_frames=settings.context_frames,
             first_chunk_frames=settings.first_chunk_frames,
@@ -218,7 +236,8 @@ def check_frame(frame: Iterable[Any]) -> Frame:
         raise DecoderError(f"a frame holds {CODES_PER_FRAME} codes, got {len(codes)}")
     if min(codes) < 0 or max(codes) >= CODE_LIMIT:
         raise DecoderError(f"codes must be in 0..{CODE_LIMIT - 1}, got {codes!r}")
-    return codes  # type: ignore[return-value]
+    c0, c1, c2, c3, c4, c5, c6 = codes
+    return c0, c1, c2, c3, c4, c5, c6
 
 
 class Chunker:

@@ -27,13 +27,31 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from gateway.core.codec import neutralize_control_tokens
 from gateway.vocab import TextSegment
 
 # ----------------------------------------------------------------------------------------
 # Policy
+
+
+class SegmenterConfig(Protocol):
+    """What :meth:`SegmenterOptions.from_settings` reads: ``gateway.config.SegmenterSettings``,
+    named by its shape so that this core does not import the config module."""
+
+    @property
+    def fast_first(self) -> bool: ...
+    @property
+    def first_clause_min_chars(self) -> int: ...
+    @property
+    def min_chars(self) -> int: ...
+    @property
+    def max_chars(self) -> int: ...
+    @property
+    def idle_flush_ms(self) -> int: ...
+    @property
+    def normalize(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +68,12 @@ class SegmenterOptions:
     normalize: bool = True
 
     @classmethod
-    def from_settings(cls, settings: Any, *, idle_flush: bool = True) -> SegmenterOptions:
-        """Build from ``gateway.config.SegmenterSettings`` (duck-typed to keep this core
-        pure). ``idle_flush=False`` turns the idle release off: without a clock, as in
-        ``voicegw segment`` or a test predicting segments, release depends only on text."""
+    def from_settings(
+        cls, settings: SegmenterConfig, *, idle_flush: bool = True
+    ) -> SegmenterOptions:
+        """Build from ``gateway.config.SegmenterSettings``. ``idle_flush=False`` turns the
+        idle release off: without a clock, as in ``voicegw segment`` or a test predicting
+        segments, release depends only on text."""
         return cls(
             fast_first=settings.fast_first,
             first_clause_min_chars=settings.first_clause_min_chars,
@@ -213,6 +233,9 @@ class _Prefilter:
     """
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self._out: list[str] = []
         self._ws_newlines = -1  # -1: no pending whitespace; else newlines in the pending run
         self._line_start = True
@@ -236,7 +259,7 @@ class _Prefilter:
         self._held = ""
         # Trailing whitespace is dropped: the turn ends here.
         out = "".join(self._out)
-        self.__init__()  # type: ignore[misc]  # reset for the next turn
+        self._reset()  # for the next turn
         return out
 
     def _emit(self, ch: str) -> None:

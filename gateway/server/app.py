@@ -17,7 +17,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 from uvicorn.protocols.utils import ClientDisconnected
@@ -306,7 +306,7 @@ def create_app(
             finally:
                 gw.services = None
 
-    routes: list[Any] = [
+    routes: list[BaseRoute] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),
         # Before the static mount, which would otherwise take (and fail) every WebSocket.
         WebSocketRoute("/{path:path}", ws_not_found),

@@ -36,7 +36,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -428,6 +428,13 @@ def _json_or_none(raw: bytes) -> Any:
         return None
 
 
+async def _aclose(chunks: AsyncIterator[bytes]) -> None:
+    """Finalise a response's byte iterator now rather than leave it to the GC. httpx
+    declares an AsyncIterator; it is an async generator."""
+    if isinstance(chunks, AsyncGenerator):
+        await chunks.aclose()
+
+
 def _transport_error(exc: httpx.HTTPError, where: str) -> UpstreamError:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return UpstreamError(
@@ -470,7 +477,7 @@ class CompletionStream:
         self._idle_s = t.idle / 1000
         self._total_deadline = total_deadline
         self._resp: httpx.Response | None = None
-        self._chunks: Any = None
+        self._chunks: AsyncIterator[bytes] | None = None
         self._parser = SSEParser()
         self._loop = asyncio.get_running_loop()
         self._token_deadline = 0.0
@@ -478,7 +485,7 @@ class CompletionStream:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.finish_reason: str | None = None
-        self.stop_reason: Any = None
+        self.stop_reason: int | str | None = None
         self.done = False
         self.usage_completion_tokens: int | None = None
 
@@ -517,8 +524,7 @@ class CompletionStream:
         resp, self._resp = self._resp, None
         try:
             if chunks is not None:
-                # Finalise the byte iterator here rather than leave it to the GC.
-                await chunks.aclose()
+                await _aclose(chunks)
         finally:
             if resp is not None:
                 await resp.aclose()
@@ -564,10 +570,13 @@ class CompletionStream:
         if self.done:
             await self._drain()
             return None
+        chunks = self._chunks
+        if chunks is None:
+            raise RuntimeError("CompletionStream.read() outside its async with block")
         while True:
             try:
                 async with asyncio.timeout_at(self._deadline()):
-                    chunk = await anext(self._chunks, None)
+                    chunk = await anext(chunks, None)
             except TimeoutError:
                 raise self._timeout_error() from None
             except httpx.HTTPError as exc:
@@ -604,7 +613,7 @@ class CompletionStream:
         except (TimeoutError, httpx.HTTPError):
             pass
         finally:
-            await chunks.aclose()
+            await _aclose(chunks)
 
     def _events(self, chunk: bytes) -> str | None:
         parts: list[str] = []
