@@ -1,21 +1,15 @@
 """The decode worker: one thread per process that owns the SNAC model, with an async API.
 
 Torch never runs on the event loop. The loop side (``DecodeStream.push``) only plans
-chunks with the pure chunker and queues jobs; the worker thread gathers jobs from all
-streams, decodes them and hands the PCM back with ``loop.call_soon_threadsafe``.
+chunks with the pure chunker and queues them; the worker thread asks the pure scheduler
+(:mod:`gateway.core.schedule`: deadline first, batching, pacing, holding the decoder for
+urgent work) which windows to decode next, decodes them and hands the PCM back with
+``loop.call_soon_threadsafe``.
 
-Scheduling is deadline-first. Every stream has a deadline: the time at which its first
-sample must play (default: when it was opened). A chunk's deadline is that plus the
-chunk's offset in the segment, so the audio needed soonest goes first across all
-sessions: the head segment of a session before its far-ahead segments, and a session
-whose client buffer runs out soonest before the others. Ties go by (session, turn, seq,
-chunk index).
-
-Batching: when the worker is free it waits up to ``max_wait_ms`` (counted from the oldest
-pending job) for up to ``max_batch`` jobs, takes the ``max_batch`` most urgent, and
-decodes those that can be stacked with the most urgent one (same window shape). The rest
-stay queued and are ranked again, with anything new, for the next pass: a far-ahead job
-never rides along ahead of more urgent audio.
+Only values cross between the threads. The loop pushes windows, deadlines (evaluated on
+the loop) and reservations into the scheduler under the worker's lock; the thread reads
+nothing the loop owns, and posts each result (chunk index and PCM, or an error) to the
+loop, where the stream takes it.
 
 Every queue is bounded: at most ``queue_size`` jobs wait in the worker, and a stream
 holds at most ``queue_size`` chunks not yet read. Overflow raises
@@ -25,55 +19,38 @@ holds at most ``queue_size`` chunks not yet read. Overflow raises
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
-import heapq
+import itertools
 import logging
 import math
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from gateway.clock import Clock, monotonic
-from gateway.core.chunker import (
-    CONTEXT_COST_FRAMES,
-    FRAME_SECONDS,
-    Chunker,
-    ChunkPlan,
-    ChunkPolicy,
+from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy
+from gateway.core.schedule import Batch, SchedulePolicy, Scheduler, Window
+from gateway.decoder.stats import (
+    BATCH_SIZE_BUCKETS,
+    QUEUE_WAIT_BUCKETS,
+    DecoderCounters,
+    DecoderStats,
 )
 from gateway.errors import BufferOverflowError, DecoderError, GatewayError, ModelLoadError
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME
 
+if TYPE_CHECKING:
+    from gateway.config import DecoderSettings
+    from gateway.decoder.snac_model import LoadedModel
+
 log = logging.getLogger("gateway.decoder")
 
 Deadline = Callable[[], float] | float | None
-
-_URGENT_S = 0.3
-"""A window due within this many seconds is urgent (see ``DecodeWorker._select``)."""
-
-_CPU_COST = 0.012
-_GPU_COST = 0.001
-_COST_WEIGHT = 0.1  # of each pass in the moving average
-
-BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, math.inf)
-QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    math.inf,
-)
+"""When a segment's first sample must play: seconds on the worker's clock, a callable
+evaluated on the event loop, or ``None`` for "now"."""
 
 
 class WindowEngine(Protocol):
@@ -90,36 +67,6 @@ class WindowEngine(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class DecoderStats:
-    """A snapshot of the worker's counters, ready for a metrics endpoint.
-
-    Totals are monotonic counters; ``*_buckets`` are cumulative ``(upper bound, count)``
-    pairs in the Prometheus histogram convention; the rest are derived for convenience.
-    """
-
-    running: bool
-    queue_depth: int
-    streams: int
-    batches: int
-    jobs: int
-    mean_batch_size: float
-    batch_size_buckets: tuple[tuple[float, int], ...]
-    queue_wait_seconds_total: float
-    queue_wait_seconds_max: float
-    mean_queue_wait_seconds: float
-    queue_wait_buckets: tuple[tuple[float, int], ...]
-    decode_seconds_total: float
-    audio_seconds_total: float
-    decode_seconds_per_audio_second: float
-    uptime_seconds: float
-    utilisation: float
-    """Share of the worker's uptime spent decoding (0..1)."""
-    failed_jobs: int
-    cancelled_jobs: int
-    rejected_jobs: int
-
-
-@dataclass(frozen=True, slots=True)
 class DecoderHealth:
     """For readiness: whether the decoder can serve, and why not."""
 
@@ -130,29 +77,10 @@ class DecoderHealth:
 
 @dataclass(frozen=True, slots=True)
 class _Job:
+    """What a scheduled window carries: where its result goes, and what to decode."""
+
     stream: DecodeStream
     plan: ChunkPlan
-    group: Hashable
-    submitted: float  # injected clock, for queue-wait statistics
-    arrived: float  # time.monotonic(), for the gathering window
-    tie: tuple[str, int, int, int]
-
-
-class _Histogram:
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-
-    def cumulative(self) -> tuple[tuple[float, int], ...]:
-        out = []
-        total = 0
-        for b, c in zip(self.bounds, self.counts, strict=True):
-            total += c
-            out.append((b, total))
-        return tuple(out)
 
 
 class DecodeWorker:
@@ -160,19 +88,22 @@ class DecodeWorker:
 
     def __init__(
         self,
-        model: Any,
-        settings: Any,
+        model: LoadedModel | None,
+        settings: DecoderSettings,
         *,
         clock: Clock = monotonic,
         engine: WindowEngine | None = None,
         warm_up: bool = True,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        """``model`` is a ``LoadedModel`` (or ``None`` with an injected ``engine``);
-        ``settings`` is ``gateway.config.DecoderSettings``. ``on_batch(windows, seconds)``
-        is called from the decode thread after every forward pass (e.g. to feed Prometheus
+        """``model`` may be ``None`` with an injected ``engine``. ``clock`` is the one
+        clock of deadlines, waits and statistics; the thread waits on it in real time, so
+        it must advance like ``time.monotonic``. ``on_batch(windows, seconds)`` is called
+        from the decode thread after every forward pass (e.g. to feed Prometheus
         histograms, which are thread-safe); it must be quick and must not raise."""
         if engine is None:
+            if model is None:
+                raise ValueError("a DecodeWorker needs a model or an engine")
             from gateway.decoder.engine import SnacEngine
 
             engine = SnacEngine(model)
@@ -184,40 +115,25 @@ class DecodeWorker:
         self._warm_up = warm_up
         self._on_batch = on_batch
         self._max_batch = int(settings.max_batch)
-        self._max_wait = float(settings.max_wait_ms) / 1000.0
         self._queue_size = int(settings.queue_size)
-        self._hold = float(settings.urgent_hold_ms) / 1000.0
-        self._ahead = float(getattr(settings, "decode_ahead_ms", 0.0)) / 1000.0
-        # Decode seconds per window frame (see chunker.CONTEXT_COST_FRAMES), a moving
-        # average over passes: written by the worker thread, read on the loop to size
-        # chunks. Until measured: about what one CPU core takes, or a GPU's batched cost.
-        self.decode_cost = _CPU_COST  # a GPU's, once the thread has seen the engine
-        self._urgent_done = -math.inf  # time.monotonic() when the last urgent pass ended
-        self._picked_urgent = False
         self._cond = threading.Condition()
-        self._pending: list[_Job] = []
-        # Stream id -> when it will cut its next chunk at the latest (under self._cond).
-        self._reserved: dict[int, float] = {}
-        self._streams: set[DecodeStream] = set()
+        # Under self._cond: written from the loop (windows, deadlines, reservations) and
+        # the thread (batches taken, measured cost).
+        self._sched: Scheduler[_Job] = Scheduler(
+            SchedulePolicy(
+                max_batch=self._max_batch,
+                max_wait=float(settings.max_wait_ms) / 1000.0,
+                urgent_hold=float(settings.urgent_hold_ms) / 1000.0,
+                decode_ahead=float(settings.decode_ahead_ms) / 1000.0,
+            )
+        )
+        self._keys = itertools.count()
+        self._streams: set[DecodeStream] = set()  # owned by the loop
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stopped = False
         self._ready = False
         self._failure: str | None = None
-        # Statistics: written by the worker thread under self._stats_lock.
-        self._stats_lock = threading.Lock()
-        self._started_at: float | None = None
-        self._batches = 0
-        self._jobs = 0
-        self._wait_total = 0.0
-        self._wait_max = 0.0
-        self._decode_total = 0.0
-        self._audio_total = 0.0
-        self._failed = 0
-        self._cancelled = 0
-        self._rejected = 0
-        self._batch_hist = _Histogram(BATCH_SIZE_BUCKETS)
-        self._wait_hist = _Histogram(QUEUE_WAIT_BUCKETS)
+        self._counters = DecoderCounters()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -227,7 +143,7 @@ class DecodeWorker:
 
     def health(self) -> DecoderHealth:
         model: dict[str, Any] = {}
-        if self.model is not None and hasattr(self.model, "source"):
+        if self.model is not None:
             from gateway.decoder.engine import describe
 
             model = describe(self.model)
@@ -261,17 +177,15 @@ class DecodeWorker:
         """Stop the thread (after the batch in hand) and fail every unfinished stream."""
         with self._cond:
             self._stopping = True
-            dropped = self._pending
-            self._pending = []
+            dropped = self._sched.clear()
             self._cond.notify_all()
         thread = self._thread
         if thread is not None:
             # Joining blocks, so it happens off the loop; a batch in hand finishes first.
             await asyncio.get_running_loop().run_in_executor(None, thread.join)
-        self._stopped = True
         self._ready = False
         err = DecoderError("the decoder stopped", transient=True)
-        for stream in {j.stream for j in dropped} | set(self._streams):
+        for stream in {w.item.stream for w in dropped} | set(self._streams):
             stream._fail(err)
         self._streams.clear()
 
@@ -292,15 +206,14 @@ class DecodeWorker:
 
         ``deadline`` is when the segment's first sample must play (seconds on the
         worker's clock), or a callable returning it, or ``None`` for "now": audio is then
-        needed in real time from the moment the stream opens.
+        needed in real time from the moment the stream opens. A callable is evaluated on
+        the event loop only, whenever frames arrive and on :meth:`DecodeStream.refresh`;
+        the worker thread sees its value.
 
         With ``plan_by_deadline`` the chunks are cut by that deadline and the generation
         speed measured from the frames' arrival (``Chunker.feed`` with ``now`` and
-        ``due``), and the deadline is evaluated on the event loop only, whenever frames
-        arrive: the worker thread sees its value, never the callable. Without it the fixed
-        ramp cuts the chunks and a callable deadline is evaluated in the worker thread, so
-        it must be cheap and thread-safe. ``expected_frames`` (an estimate of the
-        segment's length) lets a segment generated slower than real time hold its first
+        ``due``); without it the fixed ramp cuts them. ``expected_frames`` (an estimate of
+        the segment's length) lets a segment generated slower than real time hold its first
         release until it can play through. A ``paced`` stream's audio is played as it
         arrives (a WebSocket session, not a file download): on CPU its windows are decoded
         at most ``decode_ahead_ms`` before they play.
@@ -309,6 +222,7 @@ class DecodeWorker:
             raise DecoderError("the decoder is stopped", transient=True)
         stream = DecodeStream(
             self,
+            key=next(self._keys),
             session_id=session_id,
             turn=turn,
             seq=seq,
@@ -322,91 +236,78 @@ class DecodeWorker:
         return stream
 
     @property
+    def decode_cost(self) -> float:
+        """Measured decode seconds per window frame (see ``gateway.core.schedule``)."""
+        with self._cond:
+            return self._sched.decode_cost
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        with self._cond:
+            return self._sched.pending
 
     @property
     def stats(self) -> DecoderStats:
-        now = self._clock()
-        with self._stats_lock:
-            uptime = 0.0 if self._started_at is None else max(0.0, now - self._started_at)
-            jobs, batches = self._jobs, self._batches
-            return DecoderStats(
-                running=self.ready,
-                queue_depth=len(self._pending),
-                streams=len(self._streams),
-                batches=batches,
-                jobs=jobs,
-                mean_batch_size=jobs / batches if batches else 0.0,
-                batch_size_buckets=self._batch_hist.cumulative(),
-                queue_wait_seconds_total=self._wait_total,
-                queue_wait_seconds_max=self._wait_max,
-                mean_queue_wait_seconds=self._wait_total / jobs if jobs else 0.0,
-                queue_wait_buckets=self._wait_hist.cumulative(),
-                decode_seconds_total=self._decode_total,
-                audio_seconds_total=self._audio_total,
-                decode_seconds_per_audio_second=(
-                    self._decode_total / self._audio_total if self._audio_total else 0.0
-                ),
-                uptime_seconds=uptime,
-                utilisation=min(1.0, self._decode_total / uptime) if uptime > 0 else 0.0,
-                failed_jobs=self._failed,
-                cancelled_jobs=self._cancelled,
-                rejected_jobs=self._rejected,
-            )
+        return self._counters.snapshot(
+            self._clock(),
+            running=self.ready,
+            queue_depth=self.queue_depth,
+            streams=len(self._streams),
+        )
 
     # ---------------------------------------------------------------- loop side
+
+    def _open(self, stream: DecodeStream, anchor: float) -> None:
+        with self._cond:
+            self._sched.open(stream.key, anchor=anchor, paced=stream.paced)
+
+    def _set_anchor(self, stream: DecodeStream, anchor: float) -> None:
+        with self._cond:
+            self._sched.set_anchor(stream.key, anchor)
 
     def _submit(self, stream: DecodeStream, plans: Sequence[ChunkPlan]) -> None:
         if not plans:
             return
-        now, arrived = self._clock(), time.monotonic()
-        jobs = [
-            _Job(
-                stream=stream,
-                plan=p,
+        now = self._clock()
+        windows = [
+            Window(
+                stream=stream.key,
+                offset=p.sample_offset / SAMPLE_RATE,
+                frames=p.end - p.start,
                 group=self._engine.group_key(p),
                 submitted=now,
-                arrived=arrived,
                 tie=(stream.session_id, stream.turn, stream.seq, p.index),
+                item=_Job(stream, p),
             )
             for p in plans
         ]
         with self._cond:
             if self._stopping:
                 raise DecoderError("the decoder is stopped", transient=True)
-            if len(self._pending) + len(jobs) > self._queue_size:
-                with self._stats_lock:
-                    self._rejected += len(jobs)
+            if self._sched.pending + len(windows) > self._queue_size:
+                self._counters.rejected(len(windows))
                 raise BufferOverflowError(
                     f"decode queue full ({self._queue_size} jobs): decoding cannot keep up"
                 )
-            self._pending.extend(jobs)
+            self._sched.submit(windows)
             self._cond.notify()
 
     def _reserve(self, stream: DecodeStream, at: float | None) -> None:
-        """From the loop: ``stream`` will need the decoder by ``at`` (None: no claim)."""
+        """``stream`` will need the decoder by ``at`` (None: no claim)."""
         with self._cond:
-            if at is None:
-                self._reserved.pop(id(stream), None)
-            else:
-                self._reserved[id(stream)] = at
+            self._sched.reserve(stream.key, at)
 
     def _withdraw(self, stream: DecodeStream) -> None:
         with self._cond:
-            self._reserved.pop(id(stream), None)
-            keep = [j for j in self._pending if j.stream is not stream]
-            dropped = len(self._pending) - len(keep)
-            self._pending = keep
-        with self._stats_lock:
-            self._cancelled += dropped
+            dropped = self._sched.close(stream.key)
+        self._counters.cancelled(dropped)
         self._streams.discard(stream)
 
     # ---------------------------------------------------------------- worker thread
 
     def _run(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
         try:
-            threads = int(getattr(self.settings, "threads", 0) or 0)
+            threads = int(self.settings.threads or 0)
             if threads > 0:
                 import torch
 
@@ -419,20 +320,20 @@ class DecodeWorker:
             error = ModelLoadError(self._failure)
             loop.call_soon_threadsafe(_settle, started, error)
             return
-        with self._stats_lock:
-            self._started_at = self._clock()
+        self._counters.started(self._clock())
         self._ready = True
         loop.call_soon_threadsafe(_settle, started, None)
         try:
-            if self._engine.max_stack > 1:
-                self.decode_cost = _GPU_COST
+            max_stack = self._engine.max_stack
+            with self._cond:
+                self._sched.set_max_stack(max_stack)
             while True:
                 batch = self._next_batch()
                 if batch is None:
                     return
                 self._decode(batch)
-                if self._picked_urgent:
-                    self._urgent_done = time.monotonic()
+                with self._cond:
+                    self._sched.finished(batch, self._clock())
         except Exception as exc:
             # A bug in the worker itself (decode errors are handled per stream in
             # _decode). Fail loudly rather than leave every stream waiting forever:
@@ -442,7 +343,7 @@ class DecodeWorker:
             self._ready = False
             with self._cond:
                 self._stopping = True
-                self._pending = []
+                self._sched.clear()
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 loop.call_soon_threadsafe(self._fail_all, DecoderError(self._failure))
 
@@ -452,152 +353,75 @@ class DecodeWorker:
             stream._fail(error)
         self._streams.clear()
 
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self) -> Batch[_Job] | None:
         with self._cond:
-            while True:
-                while not self._pending and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return None
-                # Gather: give other streams up to max_wait (from the oldest job's arrival)
-                # to add jobs, unless a full batch is already waiting.
-                until = min(j.arrived for j in self._pending) + self._max_wait
-                while len(self._pending) < self._max_batch and not self._stopping:
-                    remaining = until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                if self._stopping:
-                    return None
-                if not self._pending:
-                    continue
-                batch, hold = self._select()
-                if batch:
-                    break
-                # Only far-ahead work is pending, right after urgent work: keep the thread
-                # free for the next urgent window (a new job wakes us at once).
-                self._cond.wait(hold)
-            chosen = {id(j) for j in batch}
-            self._pending = [j for j in self._pending if id(j) not in chosen]
-            return batch
+            while not self._stopping:
+                decision = self._sched.next(self._clock())
+                if isinstance(decision, Batch):
+                    return decision
+                # New windows wake the thread at once (_submit notifies).
+                self._cond.wait(decision.seconds)
+            return None
 
-    def _select(self) -> tuple[list[_Job], float]:
-        """The most urgent job and those of the ``max_batch`` most urgent it can stack with;
-        or none, and for how long to hold, when holding the thread for urgent work."""
-        keys: dict[int, tuple[float, tuple[str, int, int, int]]] = {}
-        anchors: dict[int, float] = {}
-        for j in self._pending:
-            sid = id(j.stream)
-            if sid not in anchors:
-                anchors[sid] = j.stream._anchor()
-            deadline = anchors[sid] + j.plan.sample_offset / SAMPLE_RATE
-            keys[id(j)] = (deadline, j.tie)
-        now = self._clock()
-        eligible = self._pending
-        if self._ahead > 0 and self._engine.max_stack == 1:
-            # CPU: a paced stream's window is decoded at most decode_ahead_ms before it
-            # plays. Decoding further ahead saves nothing (the work is the same) but runs
-            # uninterruptible passes of far-ahead segments while a head segment is early
-            # in its ramp, and takes a core from everything else on the host in bursts.
-            horizon = now + self._ahead
-            eligible = [j for j in eligible if not j.stream.paced or keys[id(j)][0] <= horizon]
-            if not eligible:
-                return [], min(keys[id(j)][0] for j in self._pending) - horizon
-        top = heapq.nsmallest(self._max_batch, eligible, key=lambda j: keys[id(j)])
-        # Urgent: due within _URGENT_S, i.e. a client close to running dry (a head segment
-        # early in its ramp). A pass cannot be interrupted, and on CPU a far-ahead window
-        # takes 40-170 ms: started in the gap between two urgent windows, it made the
-        # second one late (browser tests at 1.5x real time, three segments in flight:
-        # low-water marks of 5-50 ms where ~190 ms were due). So right after an urgent
-        # pass, far-ahead work waits up to urgent_hold_ms for the next urgent window;
-        # once no client is close to running dry it runs as before. GPU passes are short
-        # and stacked, so this applies only to one-window passes.
-        urgent = keys[id(top[0])][0] <= now + _URGENT_S
-        self._picked_urgent = urgent
-        if not urgent and self._engine.max_stack == 1:
-            hold = self._urgent_done + self._hold - time.monotonic() if self._hold > 0 else 0.0
-            # A stream that will cut its next chunk soon has reserved the decoder from
-            # then on: a far-ahead pass that would still be running then waits, and the
-            # head's chunk does not queue behind 100-300 ms of work that could wait.
-            if self._reserved:
-                soonest = min(self._reserved.values())
-                units = top[0].plan.end - top[0].plan.start + CONTEXT_COST_FRAMES
-                if now + self.decode_cost * units > soonest:
-                    hold = max(hold, min(soonest - now, self._hold or _URGENT_S))
-            if hold > 0:
-                return [], hold
-        group = top[0].group
-        # No more than one forward pass at a time: where windows are decoded one per pass
-        # (CPU), taking a whole group would run it to the end while a more urgent job (the
-        # head segment's next chunk, whose codes just arrived) waits behind it. Measured on
-        # 2 cores with two segments in flight at 1.5x real time: head chunks 400 ms late.
-        return [j for j in top if j.group == group][: max(1, self._engine.max_stack)], 0.0
-
-    def _decode(self, batch: list[_Job]) -> None:
-        batch = [j for j in batch if not j.stream._closed]
-        if not batch:
+    def _decode(self, batch: Batch[_Job]) -> None:
+        with self._cond:  # streams cancelled since the batch was taken are skipped
+            jobs = [w for w in batch.windows if self._sched.is_open(w.stream)]
+            dues = [self._sched.due(w) for w in jobs] if log.isEnabledFor(logging.DEBUG) else []
+        if not jobs:
             return
         t0 = self._clock()
         try:
             outs: list[np.ndarray | BaseException] = list(
-                self._engine.decode([j.plan for j in batch])
+                self._engine.decode([w.item.plan for w in jobs])
             )
         except Exception as exc:
-            log.warning("batched SNAC decode of %d windows failed: %r", len(batch), exc)
-            outs = self._decode_one_by_one(batch, exc)
+            log.warning("batched SNAC decode of %d windows failed: %r", len(jobs), exc)
+            outs = self._decode_one_by_one(jobs, exc)
         t1 = self._clock()
-        audio = sum(j.plan.samples for j in batch) / SAMPLE_RATE
-        # Per window frame of the pass: stacked windows are decoded together, so the
-        # pass costs what its largest window does.
-        units = max(j.plan.end - j.plan.start for j in batch) + CONTEXT_COST_FRAMES
-        cost = max(0.0, t1 - t0) / units
-        self.decode_cost += _COST_WEIGHT * (cost - self.decode_cost)
-        if log.isEnabledFor(logging.DEBUG):
-            for j in batch:
-                due = j.stream._anchor() + j.plan.sample_offset / SAMPLE_RATE
-                log.debug(
-                    "decoded %s/%s chunk %d (%d frames) in %.0f ms, %.0f ms before it plays",
-                    j.stream.session_id, j.stream.seq, j.plan.index, j.plan.end - j.plan.start,
-                    (t1 - t0) * 1000, (due - t1) * 1000,
-                )  # fmt: skip
-        with self._stats_lock:
-            self._batches += 1
-            self._jobs += len(batch)
-            self._batch_hist.observe(len(batch))
-            for j in batch:
-                wait = max(0.0, t0 - j.submitted)
-                self._wait_total += wait
-                self._wait_max = max(self._wait_max, wait)
-                self._wait_hist.observe(wait)
-            self._decode_total += max(0.0, t1 - t0)
-            self._audio_total += audio
-            self._failed += sum(1 for o in outs if isinstance(o, BaseException))
+        seconds = max(0.0, t1 - t0)
+        # Stacked windows are decoded together, so the pass costs what its largest does.
+        with self._cond:
+            self._sched.measured(seconds, max(w.frames for w in jobs))
+        for w, due in zip(jobs, dues, strict=False):
+            p = w.item.plan
+            log.debug(
+                "decoded %s/%s chunk %d (%d frames) in %.0f ms, %.0f ms before it plays",
+                w.tie[0], w.tie[2], p.index, p.end - p.start,
+                seconds * 1000, (due - t1) * 1000,
+            )  # fmt: skip
+        self._counters.passed(
+            waits=[max(0.0, t0 - w.submitted) for w in jobs],
+            seconds=seconds,
+            audio_seconds=sum(w.item.plan.samples for w in jobs) / SAMPLE_RATE,
+            failed=sum(1 for o in outs if isinstance(o, BaseException)),
+        )
         if self._on_batch is not None:
             try:
-                self._on_batch(len(batch), max(0.0, t1 - t0))
+                self._on_batch(len(jobs), seconds)
             except Exception:  # a metrics hook must never take the decoder down
                 log.exception("decode worker on_batch hook failed")
-        for j, out in zip(batch, outs, strict=True):
+        for w, out in zip(jobs, outs, strict=True):
+            stream, plan = w.item.stream, w.item.plan
             if isinstance(out, BaseException):
                 error = DecoderError(
-                    f"SNAC decode failed for chunk {j.plan.index}: {type(out).__name__}: {out}"
+                    f"SNAC decode failed for chunk {plan.index}: {type(out).__name__}: {out}"
                 )
-                j.stream._post(j.stream._fail, error)
+                stream._post(stream._fail, error)
             else:
                 pcm = out.astype("<i2", copy=False).tobytes()
-                j.stream._post(j.stream._deliver, j.plan.index, pcm)
+                stream._post(stream._deliver, plan.index, pcm)
 
     def _decode_one_by_one(
-        self, batch: list[_Job], first: BaseException
+        self, jobs: list[Window[_Job]], first: BaseException
     ) -> list[np.ndarray | BaseException]:
         # A failing batch may hold a single bad window (or hit a memory limit): retry each
         # alone so that one stream's failure does not take down the others.
-        if len(batch) == 1:
+        if len(jobs) == 1:
             return [first]
         outs: list[np.ndarray | BaseException] = []
-        for j in batch:
+        for w in jobs:
             try:
-                outs.append(self._engine.decode([j.plan])[0])
+                outs.append(self._engine.decode([w.item.plan])[0])
             except Exception as exc:
                 outs.append(exc)
         return outs
@@ -623,6 +447,7 @@ class DecodeStream:
         self,
         worker: DecodeWorker,
         *,
+        key: int,
         session_id: str,
         turn: int,
         seq: int,
@@ -633,16 +458,18 @@ class DecodeStream:
         paced: bool = False,
     ) -> None:
         self._worker = worker
+        self.key = key
+        """The stream's key in the worker's scheduler."""
         self.paced = paced
         self.session_id = session_id
         self.turn = turn
         self.seq = seq
-        self._deadline: Callable[[], float] | float = deadline
+        self._deadline = deadline
         self._loop = loop
         self._by_deadline = plan_by_deadline
-        # With plan_by_deadline: the deadline's value, written on the loop, read by the
-        # worker thread (a float crosses threads, the callable does not).
-        self._anchor_value = math.inf
+        # The deadline's value as last pushed to the worker. Planning by deadline reads it
+        # when frames arrive; until then no window is queued, so none needs it.
+        self._anchor = math.inf if plan_by_deadline else self._eval_deadline()
         self._timer: asyncio.TimerHandle | None = None
         self._chunker = Chunker(worker.policy, expected_frames=expected_frames)
         self._results: dict[int, bytes] = {}
@@ -651,10 +478,11 @@ class DecodeStream:
         self._total: int | None = None  # known once ended
         self._error: GatewayError | None = None
         self._cancelled = False
-        self._closed = False  # cancelled, failed or finished: the worker may skip its jobs
+        self._closed = False  # cancelled, failed or finished
         self._delivered_samples = 0
         self._wakeup = asyncio.Event()
         self._reading = False
+        worker._open(self, self._anchor)
 
     def __repr__(self) -> str:
         return (
@@ -677,12 +505,13 @@ class DecodeStream:
         if self._total is not None:
             raise DecoderError("frames pushed after the segment ended")
         if not self._by_deadline:
+            self.refresh()
             plans = self._chunker.feed(frames)
             self._queue(plans)
             return len(plans)
         now = self._worker._clock()
         anchor = self._eval_deadline()
-        self._anchor_value = anchor
+        self._push_anchor(anchor)
         ch = self._chunker
         cost = self._worker.decode_cost
         due = anchor + ch.planned_frames * FRAME_SECONDS
@@ -702,8 +531,13 @@ class DecodeStream:
         segment before this one grew or ended. The worker sees the new value at its next
         pick; without this a far-ahead stream that has all its frames would keep the
         deadline of its last frame's arrival."""
-        if self._by_deadline and not self._closed:
-            self._anchor_value = self._eval_deadline()
+        if not self._closed:
+            self._push_anchor(self._eval_deadline())
+
+    def _push_anchor(self, anchor: float) -> None:
+        if anchor != self._anchor:
+            self._anchor = anchor
+            self._worker._set_anchor(self, anchor)
 
     def _replan(self) -> None:
         self._timer = None
@@ -761,40 +595,12 @@ class DecodeStream:
         self._worker._withdraw(self)
         self._wakeup.set()
 
-    # ------------------------------------------------------------ priority
-
-    def set_deadline(self, deadline: Callable[[], float] | float) -> None:
-        """When this segment's first sample must play (or a callable returning it)."""
-        self._deadline = deadline
-        self._anchor_value = self._eval_deadline()
-
-    def set_runout(self, t: float) -> None:
-        """The client runs out of audio at ``t``: the next unread sample must play then."""
-        self.set_deadline(t - self.delivered_seconds)
-
-    def _anchor(self) -> float:
-        # Runs in the worker thread. A failing deadline callable must not kill the worker.
-        if self._by_deadline:
-            return self._anchor_value
-        d = self._deadline
-        if callable(d):
-            try:
-                return float(d())
-            except Exception:
-                log.exception("deadline callable of %r failed", self)
-                return math.inf
-        return d
-
     # ------------------------------------------------------------ consumer side
 
     @property
     def delivered_seconds(self) -> float:
         """Audio already handed to the reader, in seconds."""
         return self._delivered_samples / SAMPLE_RATE
-
-    @property
-    def chunks_submitted(self) -> int:
-        return self._submitted
 
     @property
     def done(self) -> bool:
@@ -828,10 +634,11 @@ class DecodeStream:
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    # ------------------------------------------------------------ worker callbacks
+    # ------------------------------------------------------------ results from the thread
 
-    def _post(self, fn: Callable[..., None], *args: Any) -> None:
-        # From the worker thread; a closed loop means nobody is listening any more.
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        # From the worker thread: the call runs on the loop. A closed loop means nobody
+        # is listening any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
 
@@ -854,9 +661,9 @@ class DecodeStream:
         return self._total is not None and self._next >= self._total
 
     def _maybe_finish(self) -> None:
-        if self._finished():
+        if self._finished() and not self._closed:
             self._closed = True
-            self._worker._streams.discard(self)
+            self._worker._withdraw(self)
 
 
 __all__ = [
