@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.core.protocol import (
+    Action,
     CancelWork,
     GenParams,
     Outgoing,
@@ -253,7 +254,7 @@ class SessionEngine:
         finally:
             self._pumping = False
 
-    def _act(self, act: object) -> None:
+    def _act(self, act: Action) -> None:
         if isinstance(act, StartSegment):
             self._pending.append(act)
         elif isinstance(act, CancelWork):
