@@ -5,6 +5,8 @@
 // work still in flight is dropped until the server says `interrupted`. Here we get the
 // JSON events, already filtered, and the socket-side audio counters.
 
+import { CONNECTION_LOST, Client, FromNet, Server, ToNet } from "./messages.js";
+
 const NO_COUNTERS = {
   pcmBytesIn: 0,
   framesDropped: 0,
@@ -19,9 +21,10 @@ export class GatewayClient {
   constructor({ onEvent, onState, audioPort }) {
     this.onEvent = onEvent;
     this.onState = onState;
-    this.worker = new Worker(new URL("./net-worker.js", import.meta.url));
+    // A module worker, so that it imports the message names (messages.js) as we do.
+    this.worker = new Worker(new URL("./net-worker.js", import.meta.url), { type: "module" });
     this.worker.onmessage = (e) => this.onWorker(e.data);
-    this.worker.postMessage({ type: "audio", port: audioPort }, [audioPort]);
+    this.worker.postMessage({ type: ToNet.AUDIO_PORT, port: audioPort }, [audioPort]);
     this.open = false;
     this.counters = { ...NO_COUNTERS };
     this.token = "";
@@ -55,19 +58,19 @@ export class GatewayClient {
     this.awaitingInterrupted = false;
     this.setState(this.retry ? "reconnecting" : "connecting");
     // The worker closes any previous socket first, without reporting its close.
-    this.worker.postMessage({ type: "connect", url: this.url() });
+    this.worker.postMessage({ type: ToNet.CONNECT, url: this.url() });
   }
 
   onWorker(m) {
     switch (m.type) {
-      case "open":
+      case FromNet.OPEN:
         this.open = true;
         break;
-      case "close":
+      case FromNet.CLOSE:
         this.open = false;
         this.onClose(m);
         break;
-      case "event":
+      case FromNet.EVENT:
         this.counters = m.counters;
         this.awaitingInterrupted = m.counters.awaitingInterrupted;
         this.onMessage(m.msg, m.segBytes);
@@ -78,14 +81,14 @@ export class GatewayClient {
   // `segBytes`: for segment.end and segment.error, the audio bytes that segment had.
   onMessage(msg, segBytes) {
     switch (msg.type) {
-      case "session.ready":
+      case Server.SESSION_READY:
         this.ready = msg;
         this.retry = 0;
         this.failedBeforeReady = 0;
         this.setState("connected");
         this.startPings();
         break;
-      case "pong":
+      case Server.PONG:
         this.rttMs = performance.now() - this.pingSentAt;
         this.onState(this.state, "");
         return;
@@ -97,7 +100,7 @@ export class GatewayClient {
     this.stopPings();
     const hadSession = this.ready !== null;
     this.ready = null;
-    this.onEvent({ type: "connection.lost", code: e.code, reason: e.reason });
+    this.onEvent({ type: CONNECTION_LOST, code: e.code, reason: e.reason });
     if (!hadSession) {
       this.failedBeforeReady++;
       if (await this.needsKey(e)) {
@@ -133,7 +136,7 @@ export class GatewayClient {
     this.stopPings();
     const ping = () => {
       this.pingSentAt = performance.now();
-      this.send({ type: "ping" });
+      this.send({ type: Client.PING });
     };
     ping();
     this.pingTimer = setInterval(ping, 15000);
@@ -150,7 +153,7 @@ export class GatewayClient {
 
   send(obj) {
     if (!this.open) return false;
-    this.worker.postMessage({ type: "send", text: JSON.stringify(obj) });
+    this.worker.postMessage({ type: ToNet.SEND, text: JSON.stringify(obj) });
     return true;
   }
 
@@ -158,6 +161,6 @@ export class GatewayClient {
   // when disconnected: the worker must still mark the data port where old audio ends.
   interrupt(epoch) {
     if (this.connected) this.awaitingInterrupted = true;
-    this.worker.postMessage({ type: "interrupt", epoch });
+    this.worker.postMessage({ type: ToNet.INTERRUPT, epoch });
   }
 }

@@ -16,28 +16,19 @@
 // (after `interrupt`, drop everything of the interrupted work until `interrupted`) is
 // applied here, where the frames are.
 //
-// Messages in (from the main thread):
-//   {type:"audio", port}             the worklet's data port (transferred)
-//   {type:"connect", url}            open the socket (closing any previous one)
-//   {type:"close", code}             close it; no close event is reported for it
-//   {type:"send", text}              send a JSON text frame
-//   {type:"interrupt", epoch}        send `interrupt` and start dropping the old turn's work;
-//                                    `epoch` tells the worklet which data is post-interrupt
-// Messages out (to the main thread):
-//   {type:"open"} | {type:"close", code, reason} | {type:"event", msg, counters, segBytes}
-//   where counters are the socket-side audio figures, up to date as of that event, and
-//   segBytes (segment.end and segment.error only) the audio bytes of that segment.
+// Messages in (from the main thread): ToNet; out: FromNet; to the worklet: Data (all in
+// messages.js). A module worker (GatewayClient starts it with {type: "module"}).
 
-"use strict";
+import { Client, Data, FromNet, Server, ToNet, segKey } from "./messages.js";
 
 // Events of a turn: after an interrupt, those of the interrupted work are dropped.
 const TURN_EVENTS = new Set([
-  "segment.start",
-  "segment.end",
-  "segment.error",
-  "turn.done",
-  "llm.delta",
-  "llm.done",
+  Server.SEGMENT_START,
+  Server.SEGMENT_END,
+  Server.SEGMENT_ERROR,
+  Server.TURN_DONE,
+  Server.LLM_DELTA,
+  Server.LLM_DONE,
 ]);
 
 let ws = null;
@@ -74,12 +65,12 @@ function onBinary(buf) {
   if (seg) {
     // Marked on the segment's first audio, not at segment.start: a segment that never
     // has audio (it failed) must not leave a mark the worklet waits on.
-    if (seg.bytes === 0) toWorklet({ type: "seg", key: seg.key });
+    if (seg.bytes === 0) toWorklet({ type: Data.SEG, key: seg.key });
     seg.bytes += buf.byteLength;
   }
   counters.pcmBytesIn += buf.byteLength;
   // Transferred, not copied: the samples are never touched on the way.
-  toWorklet({ type: "pcm", buf }, [buf]);
+  toWorklet({ type: Data.PCM, buf }, [buf]);
 }
 
 function onText(data) {
@@ -89,36 +80,36 @@ function onText(data) {
   } catch {
     return; // the gateway only sends JSON; anything else is not ours to act on
   }
-  if (msg.type === "interrupted") {
+  if (msg.type === Server.INTERRUPTED) {
     awaitingInterrupted = false;
   } else if (awaitingInterrupted && TURN_EVENTS.has(msg.type)) {
     return; // crossed our `interrupt` on the wire
   }
   let segBytes; // for segment.end / segment.error: how much audio that segment had
   switch (msg.type) {
-    case "segment.start":
-      seg = { key: `${msg.turn}:${msg.seq}`, bytes: 0 };
+    case Server.SEGMENT_START:
+      seg = { key: segKey(msg.turn, msg.seq), bytes: 0 };
       break;
-    case "segment.end": {
-      const key = `${msg.turn}:${msg.seq}`;
+    case Server.SEGMENT_END: {
+      const key = segKey(msg.turn, msg.seq);
       counters.samplesAnnounced += msg.samples || 0;
       segBytes = seg && seg.key === key ? seg.bytes : 0;
       if (seg && seg.key === key) {
         if (seg.bytes / 2 !== msg.samples) counters.sampleMismatches++;
-        if (seg.bytes > 0) toWorklet({ type: "segend", key });
+        if (seg.bytes > 0) toWorklet({ type: Data.SEGEND, key });
       }
       seg = null;
       break;
     }
-    case "segment.error":
+    case Server.SEGMENT_ERROR:
       segBytes = seg ? seg.bytes : 0;
       seg = null;
       break;
-    case "turn.done":
-      toWorklet({ type: "end", turn: msg.turn });
+    case Server.TURN_DONE:
+      toWorklet({ type: Data.END, turn: msg.turn });
       break;
   }
-  toPage({ type: "event", msg, counters, segBytes });
+  toPage({ type: FromNet.EVENT, msg, counters, segBytes });
 }
 
 function connect(url) {
@@ -130,7 +121,7 @@ function connect(url) {
   ws = sock;
   awaitingInterrupted = false;
   seg = null;
-  sock.onopen = () => toPage({ type: "open" });
+  sock.onopen = () => toPage({ type: FromNet.OPEN });
   sock.onmessage = (e) => {
     if (typeof e.data === "string") onText(e.data);
     else onBinary(e.data);
@@ -139,7 +130,7 @@ function connect(url) {
     if (ws !== sock) return;
     ws = null;
     seg = null;
-    toPage({ type: "close", code: e.code, reason: e.reason });
+    toPage({ type: FromNet.CLOSE, code: e.code, reason: e.reason });
   };
 }
 
@@ -158,29 +149,29 @@ function send(text) {
 self.onmessage = (e) => {
   const m = e.data;
   switch (m.type) {
-    case "audio":
+    case ToNet.AUDIO_PORT:
       audio = m.port;
       for (const [msg, transfer] of early.splice(0)) audio.postMessage(msg, transfer);
       break;
-    case "connect":
+    case ToNet.CONNECT:
       connect(m.url);
       break;
-    case "close":
+    case ToNet.CLOSE:
       close(m.code || 1000);
       break;
-    case "send":
+    case ToNet.SEND:
       send(m.text);
       break;
-    case "interrupt":
+    case ToNet.INTERRUPT:
       seg = null;
       if (ws && ws.readyState === WebSocket.OPEN) {
         awaitingInterrupted = true;
-        send(JSON.stringify({ type: "interrupt" }));
+        send(JSON.stringify({ type: Client.INTERRUPT }));
       }
       // Everything posted to the worklet after this belongs to later work. The page has
       // already told the worklet (directly, for a fast fade) to drop the data port's
       // messages until this marker arrives, so it is posted whatever the socket's state.
-      toWorklet({ type: "epoch", epoch: m.epoch });
+      toWorklet({ type: Data.EPOCH, epoch: m.epoch });
       break;
   }
 };

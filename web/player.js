@@ -4,6 +4,8 @@
 // MessageChannel of their own (`dataPort` is the worker's end), in stream order. The main
 // thread only sends control messages: interrupts, snapshots.
 
+import { FromWorklet, ToWorklet } from "./messages.js";
+
 const SOURCE_RATE = 24000;
 
 export class Player {
@@ -73,7 +75,7 @@ export class Player {
     this.analyser.connect(ctx.destination);
     this.node.port.onmessage = (e) => this.onMessage(e.data);
     const port = this.channel.port1;
-    this.node.port.postMessage({ type: "data", port }, [port]);
+    this.node.port.postMessage({ type: ToWorklet.DATA_PORT, port }, [port]);
     for (const [msg, transfer] of this.pending) this.node.port.postMessage(msg, transfer);
     this.pending = [];
   }
@@ -90,7 +92,7 @@ export class Player {
   interrupt(epoch) {
     this.flushed = true;
     this.epoch = epoch;
-    this.post({ type: "interrupt", epoch });
+    this.post({ type: ToWorklet.INTERRUPT, epoch });
     return this.ctx ? this.ctx.currentTime : 0;
   }
 
@@ -100,7 +102,7 @@ export class Player {
     const id = this.nextSnapshot++;
     return new Promise((resolve) => {
       this.snapshots.set(id, resolve);
-      this.node.port.postMessage({ type: "snapshot", id });
+      this.node.port.postMessage({ type: ToWorklet.SNAPSHOT, id });
     });
   }
 
@@ -114,10 +116,10 @@ export class Player {
   }
 
   onMessage(m) {
-    if (m.type === "stats") {
+    if (m.type === FromWorklet.STATS) {
       this.stats = m.stats;
       this.noteFlush(m.stats);
-    } else if (m.type === "snapshot") {
+    } else if (m.type === FromWorklet.SNAPSHOT) {
       this.stats = m.stats;
       this.noteFlush(m.stats);
       const resolve = this.snapshots.get(m.id);

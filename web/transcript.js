@@ -73,7 +73,8 @@ export class Entry {
     this.raw = text;
     this.segs = new Map(); // seq -> {start, end, state, text}
     this.cursor = 0; // raw index after the last aligned segment
-    this.turn = null;
+    this.id = null; // the client id that names its turn on the wire (SessionView.begin)
+    this.turn = null; // the server's turn number, from the turn's first event
     this.status = "pending"; // pending | streaming | speaking | done | interrupted | error
     this.note = "";
     this.sentAt = performance.now();

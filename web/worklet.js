@@ -6,26 +6,19 @@
 // thread pulls samples from one continuous queue, so boundaries do not exist for playback:
 // a gap can only happen when the queue is truly empty, and then we know it and report it.
 //
-// Two inputs. The data port (a MessagePort the page hands over with {type:"data", port})
-// comes straight from the network worker, so audio never waits for the page's main
-// thread. On it, in socket order, so marks line up exactly with the PCM:
-//   {type:"pcm", buf}            s16le mono 24 kHz bytes; the ArrayBuffer is transferred
-//   {type:"seg", key}            the next PCM sample starts segment `key` ("turn:seq")
-//   {type:"segend", key}         segment `key` ends at the current write position
-//   {type:"end", turn}           turn `turn` has no more audio (turn.done)
-//   {type:"epoch", epoch}        everything after this was sent after interrupt `epoch`
-// On this.port, from the page:
-//   {type:"interrupt", epoch}    fade out ~8 ms, then flush everything received so far;
-//                                until the data port's {epoch} marker for it arrives, the
-//                                data port's messages are stale (the interrupted work, in
-//                                flight) and are discarded
-//   {type:"snapshot", id}        reply now with exact counters (tests, page refresh)
-//   {type:"config", targetMs?, minTargetMs?, maxTargetMs?}
-// The data messages are accepted on this.port too (and then an interrupt without an epoch
-// applies to what came before it on that port): the offline tests drive it that way.
-// Messages out: "stats" (every ~25 ms) and events: start (playback (re)starts, with how
-// much was buffered), segstart, segend, turnend (with the turn's low-water mark),
-// underrun, underrunend, target (the playout target moved), flushed, snapshot.
+// Two inputs (the message types are in messages.js). The data port (a MessagePort the
+// page hands over with ToWorklet.DATA_PORT) comes straight from the network worker, so
+// audio never waits for the page's main thread. On it, in socket order, so marks line up
+// exactly with the PCM: the Data messages (PCM, segment start and end marks, turn ends,
+// and the epoch marker of each interrupt). On this.port, from the page: ToWorklet. An
+// interrupt fades out ~8 ms, then flushes everything received so far; until the data
+// port's epoch marker for it arrives, the data port's messages are stale (the interrupted
+// work, in flight) and are discarded. The Data messages are accepted on this.port too (and
+// then an interrupt without an epoch applies to what came before it on that port): the
+// offline tests drive it that way. Messages out: FromWorklet, "stats" every ~25 ms and
+// events: playback (re)starts (with how much was buffered), segment starts and ends as
+// they are heard, turn ends (with the turn's low-water mark), underruns, target moves,
+// flushes, and snapshot replies.
 //
 // Playout target (adaptive, after WebRTC NetEq's delay manager): playback (re)starts once
 // `target` is queued. It starts small (`minTargetMs`, 100 ms: first audio as early as the
@@ -43,6 +36,8 @@
 //
 // Counting is in 24 kHz *source* samples, whatever the context's rate, so that
 // "samples played == samples received" can be checked exactly even when we resample.
+
+import { Data, FromWorklet, ToWorklet } from "./messages.js";
 
 const SOURCE_RATE = 24000;
 const AUDIBLE = 1e-3; // about -60 dBFS: below this we call the output silent
@@ -131,21 +126,21 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
 
   onMessage(m) {
     switch (m.type) {
-      case "data":
+      case ToWorklet.DATA_PORT:
         this.data = m.port;
         this.data.onmessage = (e) => this.onData(e.data);
         return;
-      case "interrupt":
+      case ToWorklet.INTERRUPT:
         if (typeof m.epoch !== "number") this.interrupt();
         else if (m.epoch > this.epoch) {
           this.epoch = m.epoch;
           this.interrupt();
         }
         return;
-      case "snapshot":
-        this.port.postMessage({ type: "snapshot", id: m.id, stats: this.stats() });
+      case ToWorklet.SNAPSHOT:
+        this.port.postMessage({ type: FromWorklet.SNAPSHOT, id: m.id, stats: this.stats() });
         return;
-      case "config":
+      case ToWorklet.CONFIG:
         if (typeof m.minTargetMs === "number") this.minTarget = ms(m.minTargetMs);
         if (typeof m.maxTargetMs === "number") this.maxTarget = ms(m.maxTargetMs);
         this.maxTarget = Math.max(this.maxTarget, this.minTarget);
@@ -157,7 +152,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
   }
 
   onData(m) {
-    if (m.type === "epoch") {
+    if (m.type === Data.EPOCH) {
       this.dataEpoch = m.epoch;
       if (m.epoch > this.epoch) {
         // The worker saw the interrupt first (the page's message is still on its way):
@@ -169,7 +164,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     }
     if (this.dataEpoch < this.epoch) {
       // Sent before the worker knew of the interrupt: the interrupted work, in flight.
-      if (m.type === "pcm") this.discarded += m.buf.byteLength >> 1;
+      if (m.type === Data.PCM) this.discarded += m.buf.byteLength >> 1;
       return;
     }
     this.onStream(m);
@@ -177,18 +172,18 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
 
   onStream(m) {
     switch (m.type) {
-      case "pcm":
+      case Data.PCM:
         this.pushPcm(m.buf);
         break;
-      case "seg":
-        this.marks.push({ kind: "seg", pos: this.written, key: m.key });
+      case Data.SEG:
+        this.marks.push({ kind: Data.SEG, pos: this.written, key: m.key });
         break;
-      case "segend":
-        this.marks.push({ kind: "segend", pos: this.written, key: m.key });
+      case Data.SEGEND:
+        this.marks.push({ kind: Data.SEGEND, pos: this.written, key: m.key });
         break;
-      case "end":
+      case Data.END:
         this.endPos = this.written;
-        this.marks.push({ kind: "end", pos: this.written, turn: m.turn });
+        this.marks.push({ kind: Data.END, pos: this.written, turn: m.turn });
         break;
     }
   }
@@ -265,7 +260,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.owed = 0;
     // PCM that arrived after the interrupt (the next turn) stays queued.
     this.state = this.written > this.read ? "prebuffer" : "idle";
-    this.port.postMessage({ type: "flushed", dropped: drop, time: currentTime });
+    this.port.postMessage({ type: FromWorklet.FLUSHED, dropped: drop, time: currentTime });
   }
 
   // ---- output -----------------------------------------------------------------------
@@ -295,7 +290,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     }
     // Reported so the page (and the tests) can see the prebuffer actually held.
     this.port.postMessage({
-      type: "start",
+      type: FromWorklet.START,
       buffered: this.available(),
       afterUnderrun: this.underrunStart >= 0,
       time: currentTime,
@@ -313,7 +308,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     const frames = this.frame - this.underrunStart;
     this.underrunFrames += frames;
     this.underrunStart = -1;
-    this.port.postMessage({ type: "underrunend", ms: (frames / sampleRate) * 1000 });
+    this.port.postMessage({ type: FromWorklet.UNDERRUNEND, ms: (frames / sampleRate) * 1000 });
   }
 
   // ---- playout target ---------------------------------------------------------------
@@ -325,7 +320,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.target = t;
     if (t > this.targetMax) this.targetMax = t;
     this.port.postMessage({
-      type: "target",
+      type: FromWorklet.TARGET,
       targetMs: (t / SOURCE_RATE) * 1000,
       reason,
       time: currentTime,
@@ -349,7 +344,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.state = "prebuffer";
     this.underruns++;
     this.underrunStart = this.frame + frameInQuantum;
-    this.port.postMessage({ type: "underrun", count: this.underruns, time: currentTime });
+    this.port.postMessage({ type: FromWorklet.UNDERRUN, count: this.underruns, time: currentTime });
     this.stallLevel = this.arrivalLevel;
     this.gapKnown = false;
     this.setTarget(this.target + Math.max(ms(RAISE_MIN_MS), this.target / 2), "underrun");
@@ -458,7 +453,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     this.frame += n;
     this.fireMarks();
     if (++this.quanta % this.statsEvery === 0) {
-      this.port.postMessage({ type: "stats", stats: this.stats() });
+      this.port.postMessage({ type: FromWorklet.STATS, stats: this.stats() });
       this.peak = 0;
       this.sumSq = 0;
       this.nSq = 0;
@@ -472,14 +467,14 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
     const marks = this.marks;
     while (marks.length) {
       const m = marks[0];
-      const reached = m.kind === "seg" ? this.read > m.pos : this.read >= m.pos;
+      const reached = m.kind === Data.SEG ? this.read > m.pos : this.read >= m.pos;
       if (!reached) break;
       marks.shift();
-      if (m.kind === "seg") {
-        this.port.postMessage({ type: "segstart", key: m.key, time: currentTime });
-      } else if (m.kind === "segend") {
+      if (m.kind === Data.SEG) {
+        this.port.postMessage({ type: FromWorklet.SEGSTART, key: m.key, time: currentTime });
+      } else if (m.kind === Data.SEGEND) {
         this.segmentsPlayed++;
-        this.port.postMessage({ type: "segend", key: m.key, time: currentTime });
+        this.port.postMessage({ type: FromWorklet.SEGEND, key: m.key, time: currentTime });
       } else {
         // A near miss (an underrun already raised the target for itself).
         const missed = this.underruns > this.turnUnderruns0;
@@ -487,7 +482,7 @@ class PcmPlayerProcessor extends AudioWorkletProcessor {
           this.setTarget(this.target + ms(NEAR_RAISE_MS), "near");
         }
         this.port.postMessage({
-          type: "turnend",
+          type: FromWorklet.TURNEND,
           turn: m.turn,
           time: currentTime,
           lowWaterMs: this.lowWaterMs(),

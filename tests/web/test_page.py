@@ -398,6 +398,35 @@ def test_interrupt_silences_within_100ms_and_the_next_turn_plays(open_page: Any)
     assert page.evaluate("voicegw.entries()")[-1]["status"] == "done"
 
 
+def test_events_reach_the_entry_that_sent_them_by_client_id(open_page: Any) -> None:
+    page = open_page()
+    set_max_speed(page)
+    # Two quick turns: the second interrupts the first before any event of it came back.
+    page.evaluate("([a, b]) => { voicegw.speak(a); voicegw.speak(b); }", [LONG_TEXT, PARAGRAPH])
+    wait_turns_played(page, 1)
+    speak(page, "And a third turn, spoken on its own.")
+    wait_turns_played(page, 2)
+    first, second, third = page.evaluate("voicegw.entries()")
+    assert len({first["id"], second["id"], third["id"]}) == 3
+    assert (first["status"], first["turn"], first["segs"]) == ("interrupted", None, [])
+    assert second["status"] == third["status"] == "done"
+    events = page.evaluate("voicegw.events")
+    (interrupted,) = [e for e in events if e["type"] == "interrupted"]
+    assert (interrupted["id"], interrupted["turn"]) == (first["id"], 0)
+    for entry, turn in ((second, 1), (third, 2)):
+        own = [e for e in events if e.get("id") == entry["id"]]
+        assert entry["turn"] == turn and {e["turn"] for e in own} == {turn}
+        starts = [e for e in own if e["type"] == "segment.start"]
+        assert [(g["seq"], g["text"]) for g in entry["segs"]] == [
+            (e["seq"], e["text"]) for e in starts
+        ]
+        assert all(g["state"] == "spoken" for g in entry["segs"])
+        assert [e["type"] for e in own][-1] == "turn.done"
+    # Every event of a turn named the entry it belongs to.
+    of_turns = [e for e in events if e["type"].startswith(("segment.", "turn."))]
+    assert all(e.get("id") in (second["id"], third["id"]) for e in of_turns)
+
+
 def test_chat_streams_text_and_audio(open_page: Any, output_dir: Path) -> None:
     page = open_page()
     page.click("#tab-chat")
