@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import free_port, started  # noqa: E402
+from benchkit.procs import free_port, started  # noqa: E402
 
 from gateway.config import load_settings  # noqa: E402
 from gateway.core.chunker import ChunkPolicy  # noqa: E402

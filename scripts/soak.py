@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import orjson
 import yaml
-from bench import free_port, started
+from benchkit.procs import free_port, started
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
