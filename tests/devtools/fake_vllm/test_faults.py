@@ -11,6 +11,7 @@ import pytest
 from gateway.core.codec import TokenParser
 from gateway.core.sse import SSEParser
 from gateway.devtools.fake_vllm import Fault, Faults, expected_frames
+from gateway.devtools.fake_vllm.faults import FaultInjector, spoil
 from gateway.devtools.running import RunningFake
 from tests.devtools.fake_vllm.conftest import TEXT, body, completion_text, sse_events
 
@@ -77,3 +78,25 @@ async def test_error_event_mid_stream(fake: RunningFake, client: httpx.AsyncClie
     assert err == {
         "error": {"message": "boom", "type": "InternalServerError", "param": None, "code": 500}
     }
+
+
+def test_the_injector_deals_scripted_faults_first_then_draws_and_counts() -> None:
+    inj = FaultInjector(Faults(error_rate=1.0, error_status=502))
+    inj.push(Fault("stall", seconds=1), Fault("disconnect"))
+    assert inj.scripted == 2
+    assert [f.kind if f else None for f in (inj.draw(), inj.draw(), inj.draw())] == [
+        "stall",
+        "disconnect",
+        "http_error",
+    ]
+    assert inj.counts["stall"] == inj.counts["disconnect"] == inj.counts["http_error"] == 1
+    inj.push(Fault("stall"))
+    inj.clear()
+    assert inj.scripted == 0 and inj.faults == Faults() and inj.draw() is None
+
+
+def test_spoil_leaves_the_end_of_speech_token_alone() -> None:
+    texts = [f"<custom_token_{10 + i}>" for i in range(12)]
+    before = list(texts)
+    spoil(texts, after=2, count=5)  # strikes at 2 and 11; 11 is the last token
+    assert [i for i, (a, b) in enumerate(zip(before, texts, strict=True)) if a != b] == [2]

@@ -9,8 +9,9 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import TokenParser
+from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, TokenParser
 from gateway.devtools.fake_vllm import FakeVLLMOptions, Fault, expected_frames, frame_count
+from gateway.devtools.fake_vllm.scheduling import Plan, completion_tokens
 from gateway.devtools.running import run_fake_vllm
 from tests.devtools.fake_vllm.conftest import FAST, TEXT, body, completion_text, sse_events
 
@@ -125,3 +126,22 @@ async def test_shutdown_aborts_a_stalled_stream_without_hanging() -> None:
             await task
         assert fake.fake.stats().aborted == 1
     assert time.perf_counter() - t0 < 5
+
+
+def _plan(max_tokens: int, stops: bool) -> Plan:
+    return Plan("cmpl-1", 0, "tara", TEXT, max_tokens, stops, 10, None, False)
+
+
+def test_completion_tokens_stop_at_the_stop_token_or_at_max_tokens() -> None:
+    o = FakeVLLMOptions()
+    n = frame_count(TEXT) * 7 + 1  # the audio, then end of speech
+    texts, finish, stop_reason, count = completion_tokens(_plan(4096, stops=True), o)
+    assert (finish, stop_reason, count, len(texts), texts[-1]) == (
+        "stop", END_OF_SPEECH_TOKEN_ID, n, n, ""
+    )  # fmt: skip
+    texts, finish, stop_reason, count = completion_tokens(_plan(4096, stops=False), o)
+    # Without the stop token, end of speech is spoken and the EOS ends it, without text.
+    assert (finish, stop_reason, count) == ("stop", None, n + 1)
+    assert texts[-2:] == ["<custom_token_2>", ""]
+    texts, finish, _, count = completion_tokens(_plan(30, stops=True), o)
+    assert (finish, count, len(texts)) == ("length", 30, 30)
