@@ -48,7 +48,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -61,6 +61,7 @@ from gateway.core.attempts import (
     Done,
     Failure,
     GiveUp,
+    Retry,
     RetryPolicy,
     TakeBack,
 )
@@ -193,7 +194,7 @@ class Target:
     """What ``/v1/models`` reported, if known: ``max_tokens`` must not exceed it."""
 
 
-Counter = Literal["retries", "context_fits"]
+Tally = Literal["retries", "context_fits"]
 
 
 class SegmentHost(Protocol):
@@ -227,7 +228,7 @@ class SegmentHost(Protocol):
     def report(self, endpoint: int, failure: UpstreamError | None) -> None:
         """An attempt on ``endpoint`` completed (``None``) or failed: the endpoint's health."""
 
-    def count(self, what: Counter) -> None:
+    def count(self, what: Tally) -> None:
         """A retry or a context fit happened."""
 
     def close_segment(self, ticket: Ticket, stats: RequestStats) -> None:
@@ -379,7 +380,7 @@ class UpstreamPool:
         if h.consecutive >= self.settings.eject_after_failures:
             self._eject(endpoint, f"{h.consecutive} consecutive failures, last: {failure.message}")
 
-    def count(self, what: Counter) -> None:
+    def count(self, what: Tally) -> None:
         self._counts[what] += 1
 
     def close_segment(self, ticket: Ticket, stats: RequestStats) -> None:
@@ -556,6 +557,38 @@ class _Figures:
     frames: int = 0
     parser: ParserStats | None = None
 
+    def stats(
+        self,
+        req: TtsRequest,
+        outcome: Outcome,
+        error: UpstreamError | None,
+        *,
+        fitted: bool,
+        duration_s: float,
+    ) -> RequestStats:
+        return RequestStats(
+            session_id=req.session_id,
+            turn=req.turn,
+            seq=req.seq,
+            chars=len(req.text),
+            outcome=outcome,
+            error_code=error.code.value if error is not None else None,
+            error_message=error.message if error is not None else None,
+            endpoint=self.endpoint,
+            attempts=self.attempts,
+            context_fitted=fitted,
+            max_tokens=self.max_tokens,
+            finish_reason=self.finish_reason,
+            queue_wait_s=self.queue_wait,
+            ttft_s=self.ttft,
+            first_audio_s=self.first_audio,
+            tokens=self.tokens,
+            tokens_per_s=self.tokens_per_s,
+            frames=self.frames,
+            duration_s=duration_s,
+            parser=self.parser,
+        )
+
 
 class Synthesis:
     """One segment's upstream work: an async iterator of :data:`SynthEvent`.
@@ -614,13 +647,8 @@ class Synthesis:
                 waited = host.now()
                 target = await host.admit(ticket, avoid=plan.avoid, retry=plan.retry)
                 fig.queue_wait += host.now() - waited
-                fig.endpoint = target.client.name
-                body = build_body(host.settings, req, max_tokens=plan.max_tokens)
-                if target.max_model_len is not None and body["max_tokens"] > target.max_model_len:
-                    # vLLM refuses max_tokens over max_model_len (400) whatever the prompt;
-                    # up to it, current vLLM lowers max_tokens to fit beside the prompt.
-                    body["max_tokens"] = target.max_model_len
-                fig.max_tokens = body["max_tokens"]
+                body = _body(host.settings, req, plan.max_tokens, target)
+                fig.endpoint, fig.max_tokens = target.client.name, body["max_tokens"]
                 deadline = att.started(target.index, body["max_tokens"], loop_time())
                 parser = TokenParser()
                 tokens = 0
@@ -631,8 +659,7 @@ class Synthesis:
                     ) as cs:
                         while (text := await cs.read()) is not None:
                             tokens += text.count("<custom_token_")
-                            frames = parser.feed(text)
-                            if frames:
+                            if frames := parser.feed(text):
                                 if fig.first_audio is None:
                                     fig.first_audio = host.now() - t0
                                 yield AudioFrames(tuple(frames))
@@ -648,23 +675,10 @@ class Synthesis:
                     failure = exc
                 finally:
                     # The stream is closed by now; free the slot before any backoff.
-                    fig.tokens = tokens
-                    fig.frames = att.delivered
-                    fig.parser = parser.stats
+                    fig.tokens, fig.frames, fig.parser = tokens, att.delivered, parser.stats
                     host.release(ticket)
                 host.report(target.index, failure)
-                decision: Decision
-                if failure is None:
-                    decision = att.finished(fig.finish_reason)
-                else:
-                    decision = att.failed(_failure(failure), loop_time())
-                if isinstance(decision, TakeBack):
-                    may = self._may_restart
-                    decision = att.taken_back(may is None or bool(may()))
-                if isinstance(decision, GiveUp):
-                    if decision.cause is None:
-                        raise decision.error
-                    raise decision.error from decision.cause
+                decision = self._decide(att, failure, fig.finish_reason, loop_time())
                 if isinstance(decision, Done):
                     outcome = decision.outcome
                     if outcome == "truncated":
@@ -678,25 +692,8 @@ class Synthesis:
                             att.delivered,
                         )
                     return
-                err = decision.error
-                if decision.fitted:
-                    host.count("context_fits")
-                    log.info(
-                        "segment %s: lowering max_tokens to %d to fit",
-                        req.label,
-                        att.plan().max_tokens,
-                    )
-                    yield Restart(err.code.value, err.message)
-                else:
-                    host.count("retries")
-                    log.info(
-                        "segment %s attempt %d failed (%s); retrying in %.0f ms",
-                        req.label,
-                        plan.attempt,
-                        err.message,
-                        decision.wait_s * 1000,
-                    )
-                    yield Restart(err.code.value, err.message)
+                yield Restart(decision.error.code.value, decision.error.message)
+                if not decision.fitted:
                     await host.wait(decision.wait_s)
         except UpstreamError as exc:
             outcome = "error"
@@ -709,29 +706,54 @@ class Synthesis:
             error = UpstreamError(f"{type(exc).__name__}: {exc}", code=ErrorCode.INTERNAL)
             raise
         finally:
-            self.result = RequestStats(
-                session_id=req.session_id,
-                turn=req.turn,
-                seq=req.seq,
-                chars=len(req.text),
-                outcome=outcome,
-                error_code=error.code.value if error is not None else None,
-                error_message=error.message if error is not None else None,
-                endpoint=fig.endpoint,
-                attempts=fig.attempts,
-                context_fitted=att.fitted,
-                max_tokens=fig.max_tokens,
-                finish_reason=fig.finish_reason,
-                queue_wait_s=fig.queue_wait,
-                ttft_s=fig.ttft,
-                first_audio_s=fig.first_audio,
-                tokens=fig.tokens,
-                tokens_per_s=fig.tokens_per_s,
-                frames=fig.frames,
-                duration_s=host.now() - t0,
-                parser=fig.parser,
+            self.result = fig.stats(
+                req, outcome, error, fitted=att.fitted, duration_s=host.now() - t0
             )
             host.close_segment(ticket, self.result)
+
+    def _decide(
+        self, att: Attempts, failure: UpstreamError | None, finish: str | None, now: float
+    ) -> Done | Retry:
+        """What the attempt machine says after an attempt ended; raises if it gives up."""
+        label = self.request.label
+        decision: Decision = (
+            att.finished(finish) if failure is None else att.failed(_failure(failure), now)
+        )
+        if isinstance(decision, TakeBack):
+            may = self._may_restart
+            decision = att.taken_back(may is None or bool(may()))
+        if isinstance(decision, GiveUp):
+            if decision.cause is None:
+                raise decision.error
+            raise decision.error from decision.cause
+        if isinstance(decision, Done):
+            return decision
+        if decision.fitted:
+            self._host.count("context_fits")
+            fitted = att.plan().max_tokens
+            log.info("segment %s: lowering max_tokens to %s to fit", label, fitted)
+        else:
+            self._host.count("retries")
+            log.info(
+                "segment %s attempt %d failed (%s); retrying in %.0f ms",
+                label,
+                decision.attempt - 1,
+                decision.error.message,
+                decision.wait_s * 1000,
+            )
+        return decision
+
+
+def _body(
+    settings: UpstreamSettings, req: TtsRequest, max_tokens: int | None, target: Target
+) -> dict[str, Any]:
+    body = build_body(settings, req, max_tokens=max_tokens)
+    limit = target.max_model_len
+    if limit is not None and body["max_tokens"] > limit:
+        # vLLM refuses max_tokens over max_model_len (400) whatever the prompt; up to it,
+        # current vLLM lowers max_tokens to fit beside the prompt.
+        body["max_tokens"] = limit
+    return body
 
 
 def _failure(exc: UpstreamError) -> Failure:
