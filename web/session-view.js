@@ -113,10 +113,9 @@ export class SessionView {
     const e = msg.id === undefined ? undefined : this.byId.get(msg.id);
     if (e && REFUSALS.has(msg.code)) {
       const reason = msg.message || msg.code;
-      // Refused before the turn had any event: it never will. Otherwise the turn goes on
-      // without the refused text.
+      // Refused before the turn had any event: the entry failed (a turn the gateway opened
+      // all the same still finds it). Otherwise the turn goes on without the refused text.
       if (e.turn === null) {
-        this.byId.delete(e.id);
         e.setStatus("error", reason);
       } else {
         e.setStatus(e.status, `text refused: ${reason}`);
