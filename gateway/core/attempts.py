@@ -23,10 +23,10 @@ enforces); nothing here sleeps, reads a clock or touches a socket.
 
 Invariants:
 
-* **Bounded.** At most ``1 + max_retries`` attempts end in transient failures, plus at
-  most one more that fits the context. Every retry's wait ends before the total deadline
-  (``total_s`` from the first attempt's start, queue wait excluded); a retry that could
-  not start in time is not made.
+* **Bounded.** At most ``max_retries + 2`` attempts: the first, ``max_retries``
+  transient retries and one context fit. Every transient retry's wait ends before the
+  total deadline (``total_s`` from the first attempt's start, queue wait excluded); a
+  retry that could not start in time is not made.
 * **Only what may help is retried.** Transient failures, with backoff (stretched to a
   ``Retry-After`` up to ``max_wait_s``), on another endpoint where one has room. A
   permanent failure ends the segment at once, except a context-length refusal, which is
