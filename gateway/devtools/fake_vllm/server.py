@@ -2,8 +2,7 @@
 
 :class:`FakeVLLM` owns the options, the counters, the fault injector, the scheduler and
 the request log; the HTTP layer (:mod:`gateway.devtools.fake_vllm.http`) is a thin wrapper
-around it. It lives on the server's event loop: use it from that loop (or from the
-same process while the loop is idle, as tests do).
+around it.
 """
 
 from __future__ import annotations
