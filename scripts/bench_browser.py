@@ -499,7 +499,7 @@ def run(opts: Options, logs: Path) -> dict[str, Any]:
             "real_time_tokens_per_s": REAL_TIME_TOKENS_PER_S,
         },
         "simulated": {
-            "upstream": "fake vLLM (gateway/fake_vllm.py) at speed x real-time tokens/s",
+            "upstream": "fake vLLM (gateway/devtools/fake_vllm) at speed x real-time tokens/s",
             "decoder": "SNAC 24 kHz architecture, seeded random weights, on CPU (noise audio)",
             "browser": "real headless Chromium, real-time AudioContext with no sound card",
         },
