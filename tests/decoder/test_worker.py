@@ -237,16 +237,17 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
         blocker.end()
         await until(engine.entered.is_set)
         due = {"a": 10.0, "b": 20.0}
-        a, b = (
-            worker.open_stream(
+
+        def opened(name: str) -> DecodeStream:
+            return worker.open_stream(
                 session_id=name,
                 turn=0,
                 seq=0,
-                deadline=lambda n=name: due[n],
+                deadline=lambda: due[name],
                 plan_by_deadline=True,
             )
-            for name in "ab"
-        )
+
+        a, b = opened("a"), opened("b")
         readers = [asyncio.create_task(collect(s)) for s in (a, b)]
         a.push(frames(9, salt=1))
         b.push(frames(9, salt=2))
