@@ -60,7 +60,7 @@ with warnings.catch_warnings():
     from snac import SNAC
     from snac.layers import Snake1d
 
-log = logging.getLogger("gateway.decoder")
+log = logging.getLogger("voicegw.decoder")
 
 DEFAULT_HUB_ID = "hubertsiuzdak/snac_24khz"
 RANDOM = "random"
@@ -426,11 +426,10 @@ def load_snac(
     noise = any(type(m).__name__ == "NoiseBlock" for m in model.modules())
     prepare_for_inference(model)
     if device.startswith("cuda"):
-        # PyTorch lets cuDNN use TF32 for float32 convolutions by default. On an H100 that
-        # took streaming decode from 106 dB to 74 dB SNR against the whole-utterance decode
-        # at batch >= 32 (cuDNN picks TF32 kernels for the larger shapes only), so float32
-        # means true float32 here, and TF32 is its own, explicit choice. These switches are
-        # process-wide; the gateway process runs one decoder.
+        # PyTorch lets cuDNN use TF32 for float32 convolutions by default, which breaks
+        # exactness at large batches (docs/design.md, D7): float32 means true float32 here,
+        # and TF32 is its own choice. These switches are process-wide; the gateway process
+        # runs one decoder.
         tf32 = dtype == "tf32"
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from gateway.config import DecoderSettings
     from gateway.decoder.snac_model import LoadedModel
 
-log = logging.getLogger("gateway.decoder")
+log = logging.getLogger("voicegw.decoder")
 
 Deadline = Callable[[], float] | float | None
 """When a segment's first sample must play: seconds on the worker's clock, a callable

@@ -376,11 +376,7 @@ def _serve(
     interval = settings.gateway.decoder.switch_interval_ms
     if interval > 0:
         # The decode thread and the event loop share the GIL; the switch interval bounds how
-        # long either holds up the other (Python's default is 5 ms). On an H100 host a 9 ms
-        # forward pass took 20-40 ms once the loop was busy, but 1 ms measured no different
-        # from 5 ms there (docs/bench-gpu-h100-2026-11-24-switch5ms.json): that slowdown is
-        # the GIL's share of one core, not the hand-over. 1 ms is kept as the tighter
-        # bound on how long the decode thread's Python code can delay the loop.
+        # long either holds up the other (docs/design.md, D6).
         sys.setswitchinterval(interval / 1000.0)
     app = create_app(settings, factory)
     srv = settings.gateway.server

@@ -79,7 +79,7 @@ from gateway.upstream.client import (
 )
 from gateway.vocab import Frame
 
-log = logging.getLogger("gateway.upstream")
+log = logging.getLogger("voicegw.upstream")
 
 Sleep = Callable[[float], Awaitable[None]]
 Outcome = Literal["ok", "truncated", "error", "cancelled"]

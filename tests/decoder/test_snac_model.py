@@ -141,7 +141,7 @@ def test_a_path_that_does_not_exist_is_not_mistaken_for_a_hub_id() -> None:
 
 
 def test_demo_falls_back_to_random_weights_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="gateway.decoder"):
+    with caplog.at_level(logging.WARNING, logger="voicegw.decoder"):
         loaded = load_snac(settings("/nonexistent/snac"), demo=True)
     assert loaded.random_weights
     assert loaded.source == "random(seed=0)"
@@ -151,7 +151,7 @@ def test_demo_falls_back_to_random_weights_loudly(caplog: pytest.LogCaptureFixtu
 
 
 def test_random_is_explicit_seeded_and_warns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="gateway.decoder"):
+    with caplog.at_level(logging.WARNING, logger="voicegw.decoder"):
         loaded = load_snac(settings("random"), demo=False)
     assert loaded.random_weights and not loaded.noise
     assert "RANDOM WEIGHTS" in caplog.text

@@ -461,7 +461,7 @@ async def test_prompt_alone_too_long_fails_at_once() -> None:
 
 
 async def test_truncation_is_counted_and_reported(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG, logger="gateway.upstream")
+    caplog.set_level(logging.DEBUG, logger="voicegw.upstream")
     up = Upstream(stream_response(good_stream(2, finish="length")))
     seen: list[RequestStats] = []
     pool, _, _ = make_pool(up, on_request_done=seen.append)

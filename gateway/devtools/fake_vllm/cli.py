@@ -22,7 +22,7 @@ from gateway.devtools.fake_vllm.faults import Faults
 from gateway.devtools.fake_vllm.http import create_fake_vllm_app
 from gateway.devtools.fake_vllm.options import FakeVLLMOptions
 
-log = logging.getLogger("gateway.fake_vllm")
+log = logging.getLogger("voicegw.fake_vllm")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

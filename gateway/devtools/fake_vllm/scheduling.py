@@ -29,7 +29,7 @@ from gateway.devtools.fake_vllm.options import FakeVLLMOptions
 from gateway.devtools.fake_vllm.stats import Counters
 from gateway.devtools.fake_vllm.wire import DONE, CompletionEvents, chat_chunk, completion_body
 
-log = logging.getLogger("gateway.fake_vllm")
+log = logging.getLogger("voicegw.fake_vllm")
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

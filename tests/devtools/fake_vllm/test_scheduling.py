@@ -67,7 +67,7 @@ async def test_client_disconnect_is_logged_and_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     opts = FakeVLLMOptions(tokens_per_second=200, first_token_ms=0)
-    caplog.set_level("INFO", logger="gateway.fake_vllm")
+    caplog.set_level("INFO", logger="voicegw.fake_vllm")
     async with run_fake_vllm(opts) as fake, httpx.AsyncClient(base_url=fake.base_url) as c:
         async with c.stream("POST", "/v1/completions", json=body()) as r:
             async for _ in r.aiter_bytes():
