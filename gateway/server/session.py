@@ -1,9 +1,9 @@
-"""The WebSocket session runner: moves frames between a client and a SessionEngine.
+"""The WebSocket session runner: moves frames between a client and a SessionDriver.
 
-Three tasks per session, all owned here: the receiver (client frames into the protocol),
-the sender (a bounded outbox to the socket) and a ticker (idle flush, paced segments, the
-idle timeout). Whichever ends first ends the session; then everything is cancelled and
-awaited.
+Three tasks per session, all owned here: the receiver (client frames into the driver's
+inbox), the sender (the driver's bounded outbox to the socket) and the driver's loop (which
+ticks: idle flush, paced segments, the idle timeout). Whichever ends first ends the
+session; then everything is cancelled and awaited.
 
 A client that breaks the WebSocket protocol itself (reserved bits, unknown opcodes,
 unmasked frames, invalid UTF-8) is closed by the server's WebSocket layer with 1002 or
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway.core.protocol import Outgoing
-from gateway.server.engine import SessionEngine
+from gateway.server.driver import IDLE, ClientBytes, ClientText, SessionDriver
 
 log = logging.getLogger("voicegw.session")
 
@@ -38,7 +38,7 @@ CLOSE_TRY_LATER = 1013
 CLOSE_SLOW_CLIENT = 4008
 
 
-IDLE_REASON = "idle_timeout"
+IDLE_REASON = IDLE
 
 # Close codes the WebSocket layer uses when the client broke the protocol, and what to call
 # each kind in the log.
@@ -164,13 +164,13 @@ class RunnerLimits:
 
 async def run_session(
     ws: WebSocket,
-    make_engine: Callable[[Outbox], SessionEngine],
+    make_driver: Callable[[Outbox], SessionDriver],
     limits: RunnerLimits,
 ) -> int:
     """Serve one accepted WebSocket until either side ends it. Returns the close code."""
     outbox = Outbox(limits.outbound_queue_bytes)
-    engine = make_engine(outbox)
-    protocol = engine.protocol
+    driver = make_driver(outbox)
+    protocol = driver.protocol
     close_code = CLOSE_NORMAL
     close_reason = ""
 
@@ -186,10 +186,9 @@ async def run_session(
                     close_code = code
                 return
             if msg.get("text") is not None:
-                protocol.receive_text(msg["text"])
+                await driver.put(ClientText(msg["text"]))
             elif msg.get("bytes") is not None:
-                protocol.receive_bytes(msg["bytes"])
-            engine.pump()
+                await driver.put(ClientBytes(msg["bytes"]))
 
     async def sender() -> None:
         nonlocal close_code, close_reason
@@ -213,23 +212,17 @@ async def run_session(
                 # violation, a keepalive timeout): the receiver hears why; nothing to log.
                 return
 
-    async def ticker() -> None:
+    async def drive() -> None:
         nonlocal close_reason
-        while True:
-            await asyncio.sleep(limits.tick_interval_s)
-            protocol.tick()
-            engine.pump()
-            # Idle: no client message and no work for idle_timeout, and nothing left to send.
-            if protocol.idle_expired and not outbox.queued_bytes:
-                close_reason = IDLE_REASON
-                return
+        # It returns when the session is idle: no client message and no work for
+        # idle_timeout, and nothing left to send.
+        close_reason = await driver.run()
 
     protocol.start()
-    engine.pump()
     tasks = [
         asyncio.create_task(receiver(), name=f"ws-recv-{protocol.session_id}"),
         asyncio.create_task(sender(), name=f"ws-send-{protocol.session_id}"),
-        asyncio.create_task(ticker(), name=f"ws-tick-{protocol.session_id}"),
+        asyncio.create_task(drive(), name=f"ws-drive-{protocol.session_id}"),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -242,7 +235,7 @@ async def run_session(
         # Cancel the work first: upstream streams must close even if the socket is stuck.
         for t in tasks:
             t.cancel()
-        await engine.aclose()
+        await driver.aclose()
         await asyncio.gather(*tasks, return_exceptions=True)
         if ws.client_state == WebSocketState.CONNECTED:
             # A client that stopped reading may never take the close frame: wait a bounded

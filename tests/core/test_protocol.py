@@ -10,11 +10,10 @@ from gateway.core.protocol import (
     ProtocolOptions,
     SessionProtocol,
     StartChat,
-    StartSegment,
 )
 from gateway.core.segmenter import SegmenterOptions
 from gateway.errors import ErrorCode, UpstreamError
-from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed
+from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed, SegmentJob
 
 SEG = SegmenterOptions(min_chars=0, fast_first=False, idle_flush_ms=0)
 
@@ -70,7 +69,7 @@ def test_segments_start_as_soon_as_they_are_cut() -> None:
     events(p)
     send(p, type="text.delta", text="Hello there. How are")
     (a,) = p.actions()
-    assert isinstance(a, StartSegment)
+    assert isinstance(a, SegmentJob)
     assert (a.epoch, a.seq, a.turn, a.turn_seq, a.text) == (0, 0, 0, 0, "Hello there.")
     send(p, type="text.delta", text=" you? Fine")
     send(p, type="text.end")
@@ -268,7 +267,7 @@ def play_all(p: SessionProtocol, clock: FakeClock, window: int) -> list[dict | b
     out: list[dict | bytes] = []
     started: list[int] = []
     for _ in range(10_000):
-        started += [a.seq for a in p.actions() if isinstance(a, StartSegment)]
+        started += [a.seq for a in p.actions() if isinstance(a, SegmentJob)]
         if started:
             seq = started.pop(0)
             assert not started or started[-1] - seq < window
@@ -348,7 +347,7 @@ def test_interrupt_drops_held_segments() -> None:
     p.push(SegmentEnd(0, 0, 0))  # stale: ignored
     send(p, type="text.delta", text="Dee.")
     send(p, type="text.end")
-    (a,) = [a for a in p.actions() if isinstance(a, StartSegment)]
+    (a,) = [a for a in p.actions() if isinstance(a, SegmentJob)]
     assert (a.epoch, a.seq, a.text) == (1, 0, "Dee.")
     p.push(SegmentEnd(1, 0, 0))
     assert types(events(p))[-3:] == ["segment.start", "segment.end", "turn.done"]
@@ -564,12 +563,12 @@ def test_a_chat_turn_is_named_by_its_message() -> None:
     send(p, type="text.delta", text="Ay.", id="speak-1")
     send(p, type="chat.message", text="Hello?", id="chat-1")  # ends the open text turn
     (seg, chat) = p.actions()
-    assert isinstance(seg, StartSegment) and isinstance(chat, StartChat)
+    assert isinstance(seg, SegmentJob) and isinstance(chat, StartChat)
     p.llm_delta(chat.epoch, chat.turn, "Hi. ")
     p.llm_done(chat.epoch, chat.turn, UpstreamError("gone", code=ErrorCode.LLM_ERROR))
     acts = p.actions()
     for a in [seg, *acts]:
-        assert isinstance(a, StartSegment)
+        assert isinstance(a, SegmentJob)
         p.push(SegmentEnd(a.epoch, a.seq, 0))
     named = [(e["type"], e.get("turn"), e.get("id")) for e in events(p)]
     assert named == [

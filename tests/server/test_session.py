@@ -169,7 +169,7 @@ async def test_interrupt_cancels_everything_fast_and_the_session_goes_on() -> No
             await send(ws, type="text.end")
             events = await recv_until(ws, "turn.done")
             assert events[0]["type"] == "segment.start" and events[0]["turn"] == 1
-        assert sum(e.tasks for e in gw.engines) == 0
+        assert sum(d.tasks for d in gw.drivers) == 0
 
 
 async def test_disconnect_cancels_all_work_within_100ms() -> None:
@@ -182,7 +182,7 @@ async def test_disconnect_cancels_all_work_within_100ms() -> None:
         assert synth.active > 0
         await ws.close()
         t0 = time.monotonic()
-        while synth.active or gw.engines:
+        while synth.active or gw.drivers:
             assert time.monotonic() - t0 < 0.1, "work outlived its session"
             await asyncio.sleep(0.005)
         assert gw.sessions.active == 0
@@ -204,7 +204,7 @@ async def test_slow_client_is_closed_and_memory_stays_bounded() -> None:
                 await asyncio.sleep(0.01)
         assert b'voicegw_errors_total{code="slow_client"} 1.0' in gw.metrics.render()
         # The session's work stopped with it: the synthesizer is not still producing.
-        assert synth.active == 0 and not gw.engines
+        assert synth.active == 0 and not gw.drivers
         ws.transport.abort()
         await ws.wait_closed()
 
@@ -601,7 +601,7 @@ async def slow_reader_session(
             while gw.sessions.active:
                 await asyncio.sleep(0.01)
         released = time.monotonic() - t0
-        assert synth.active == 0 and not gw.engines  # the work stopped with the session
+        assert synth.active == 0 and not gw.drivers  # the work stopped with the session
         metrics = gw.metrics.render()
         code = await c.close_code(timeout=10)
         c.abort()
