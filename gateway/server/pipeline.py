@@ -19,7 +19,7 @@ from typing import Protocol
 
 from gateway.errors import ErrorCode, GatewayError, UpstreamError
 from gateway.server.driver import SegmentSink
-from gateway.upstream.pool import Restart, UpstreamPool
+from gateway.upstream.pool import MayRestart, Restart, SynthEvent
 from gateway.vocab import SegmentJob
 
 FRAMES_PER_CHAR = 0.8
@@ -57,8 +57,23 @@ class Decoder(Protocol):
     ) -> PcmStream: ...
 
 
+class Synthesis(Protocol):
+    """One segment's upstream stream (:class:`gateway.upstream.pool.Synthesis`)."""
+
+    async def __aenter__(self) -> AsyncIterator[SynthEvent]: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline uses of the upstream pool."""
+
+    def synthesize(self, job: SegmentJob, *, may_restart: MayRestart | None = None) -> Synthesis:
+        """Speak one segment: its frames, a :class:`Restart` before each retry."""
+
+
 class Pipeline:
-    def __init__(self, pool: UpstreamPool, worker: Decoder) -> None:
+    def __init__(self, pool: Upstream, worker: Decoder) -> None:
         self.pool = pool
         self.worker = worker
 
