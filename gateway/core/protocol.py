@@ -1,11 +1,12 @@
 """The session protocol state machine for ``/v1/tts/stream``, sans I/O.
 
-Modelled on python-websockets' ``protocol.py``: the runner feeds it what the client sent
-(:meth:`receive_text`, :meth:`receive_bytes`), what producers made (:meth:`push`, the
-``llm_*`` methods) and the passage of time (:meth:`tick`); it hands back frames to send
-(:meth:`data_to_send`) and work to start or cancel (:meth:`actions`). It never awaits,
-never touches a socket and never imports torch, so every protocol rule is unit-tested
-without a server.
+Modelled on python-websockets' ``protocol.py``: the driver feeds it what the client sent
+(:meth:`receive_text`, :meth:`receive_bytes`, or the typed calls :meth:`update`,
+:meth:`text_delta`, :meth:`text_end`), what producers made (:meth:`push`, the ``llm_*``
+methods) and the passage of time (:meth:`tick`); it hands back what to send
+(:meth:`data_to_send`: :class:`ServerEvent` values and PCM) and work to start or cancel
+(:meth:`actions`). It never awaits, never touches a socket and never imports torch, so
+every protocol rule is unit-tested without a server.
 
 Numbering: the client sees turns from 0 and segments from 0 within each turn. Internally
 every segment also gets a session-wide ``seq`` within the current *epoch* (an interrupt
@@ -73,11 +74,22 @@ Action = SegmentJob | CancelWork | StartChat
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
-    """A frame for the client. ``epoch`` is set on audio-path frames, which an interrupt
-    may drop from the send queue; control frames have ``epoch=None`` and are never dropped."""
+class ServerEvent:
+    """A JSON event for the client, as a value: its ``type`` and the other fields, in the
+    order the wire carries them. The WebSocket shell renders it (``{"type": ..., **fields}``);
+    ``/v1/audio/speech`` reads it as it is."""
 
-    data: str | bytes
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Something for the client: an event, or PCM (s16le). ``epoch`` is set on audio-path
+    items, which an interrupt may drop from the send queue; control events have
+    ``epoch=None`` and are never dropped."""
+
+    data: ServerEvent | bytes
     epoch: int | None = None
 
 
@@ -140,10 +152,6 @@ class _Seg:
     params: GenParams
     started: bool = False
     samples: int = 0
-
-
-def _json(obj: dict[str, Any]) -> str:
-    return orjson.dumps(obj).decode()
 
 
 class SessionProtocol:
@@ -524,7 +532,8 @@ class SessionProtocol:
 
     def _send(self, obj: dict[str, Any], epoch: int | None = None) -> None:
         if not self._closed:
-            self._out.append(Outgoing(_json(obj), epoch))
+            kind = obj.pop("type")
+            self._out.append(Outgoing(ServerEvent(kind, obj), epoch))
 
     def _error(self, code: ErrorCode | str, message: str, cid: str | None = None) -> None:
         code = str(code)

@@ -21,9 +21,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway.core.protocol import Outgoing
+from gateway.core.protocol import Outgoing, ServerEvent
 from gateway.server.driver import IDLE, ClientBytes, ClientText, SessionDriver
 
 log = logging.getLogger("voicegw.session")
@@ -103,6 +104,16 @@ def _install_log_filter() -> None:
 _install_log_filter()
 
 
+def render(event: ServerEvent) -> str:
+    """An event as the WebSocket client gets it: one JSON object, ``type`` first."""
+    return orjson.dumps({"type": event.type, **event.fields}).decode()
+
+
+def size(o: Outgoing) -> int:
+    """What an item counts against the outbox's byte limit: its bytes as sent."""
+    return len(o.data) if isinstance(o.data, bytes) else len(render(o.data))
+
+
 class SlowClientError(Exception):
     """The client stopped reading: its outbox is over the byte limit."""
 
@@ -129,7 +140,7 @@ class Outbox:
     def put(self, items: list[Outgoing]) -> None:
         for o in items:
             self._q.append(o)
-            self._bytes += len(o.data)
+            self._bytes += size(o)
         if self._bytes > self.max_bytes:
             self.overflowed = True
         self._wake.set()
@@ -138,7 +149,7 @@ class Outbox:
         """Drop queued audio-path frames of epochs before ``epoch`` (an interrupt)."""
         kept = deque(o for o in self._q if o.epoch is None or o.epoch >= epoch)
         self._q = kept
-        self._bytes = sum(len(o.data) for o in kept)
+        self._bytes = sum(size(o) for o in kept)
 
     async def get(self) -> Outgoing:
         while not self._q:
@@ -149,7 +160,7 @@ class Outbox:
         if self.overflowed:
             raise SlowClientError
         o = self._q.popleft()
-        self._bytes -= len(o.data)
+        self._bytes -= size(o)
         return o
 
 
@@ -203,7 +214,7 @@ async def run_session(
                     if isinstance(item.data, bytes):
                         await ws.send_bytes(item.data)
                     else:
-                        await ws.send_text(item.data)
+                        await ws.send_text(render(item.data))
             except TimeoutError:
                 close_code, close_reason = CLOSE_SLOW_CLIENT, "slow_client: send timed out"
                 return

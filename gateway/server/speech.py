@@ -321,7 +321,7 @@ async def _respond(
     exists the caller gets a proper HTTP error, not an empty 200), then stream it.
     Returns False if the client was cut off for not reading."""
     first: bytes | None = None
-    errors: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []  # segment.error fields
     while first is None:
         try:
             o = await outbox.get()
@@ -332,10 +332,9 @@ async def _respond(
         if isinstance(o.data, bytes):
             first = o.data
             break
-        msg = orjson.loads(o.data)
-        if msg["type"] == "segment.error":
-            errors.append(msg)
-        elif msg["type"] == "turn.done":
+        if o.data.type == "segment.error":
+            errors.append(o.data.fields)
+        elif o.data.type == "turn.done":
             break
     if first is None:
         if errors:
@@ -365,15 +364,17 @@ async def _respond(
             await driver.put(Drained())  # the client caught up: queued segments may start
             while True:
                 o = await outbox.get()
-                if isinstance(o.data, bytes):
-                    chunk = o.data
+                ev = o.data
+                if isinstance(ev, bytes):
+                    chunk = ev
                     break
-                msg = orjson.loads(o.data)
-                if msg["type"] == "turn.done":
+                if ev.type == "turn.done":
                     await send({"type": "http.response.body", "body": b""})
                     return True
-                if msg["type"] == "segment.error":
-                    log.warning("speech: segment %s failed: %s", msg["seq"], msg["message"])
+                if ev.type == "segment.error":
+                    log.warning(
+                        "speech: segment %s failed: %s", ev.fields["seq"], ev.fields["message"]
+                    )
     except (TimeoutError, SlowClientError):
         # Headers are out: ending the response would pass truncated audio off as whole.
         # Returning without finishing it makes uvicorn drop the connection instead.

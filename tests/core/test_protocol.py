@@ -8,6 +8,7 @@ from gateway.core.protocol import (
     CancelWork,
     Outgoing,
     ProtocolOptions,
+    ServerEvent,
     SessionProtocol,
     StartChat,
 )
@@ -33,7 +34,7 @@ def send(p: SessionProtocol, **msg) -> None:
 def events(p: SessionProtocol) -> list[dict | bytes]:
     out = []
     for o in p.data_to_send():
-        out.append(o.data if isinstance(o.data, bytes) else orjson.loads(o.data))
+        out.append(o.data if isinstance(o.data, bytes) else {"type": o.data.type, **o.data.fields})
     return out
 
 
@@ -177,7 +178,11 @@ def test_interrupted_control_frames_survive_but_audio_does_not() -> None:
     send(p, type="interrupt")
     kept = p.data_to_send()
     assert all(isinstance(o, Outgoing) for o in kept)
-    assert [orjson.loads(o.data)["type"] for o in kept] == ["session.ready", "interrupted"]
+    assert [o.data.type for o in kept if isinstance(o.data, ServerEvent)] == [
+        "session.ready",
+        "interrupted",
+    ]
+    assert all(isinstance(o.data, ServerEvent) for o in kept)
 
 
 @pytest.mark.parametrize(
@@ -595,3 +600,21 @@ def test_interrupted_names_the_last_turn_by_its_id() -> None:
     send(p, type="text.delta", text="Sea.")  # unnamed: so is its interrupt
     send(p, type="interrupt")
     assert events(p) == [{"type": "interrupted", "turn": 1}]
+
+
+def test_typed_calls_answer_exactly_as_the_messages_do() -> None:
+    by_json, _ = make()
+    typed, _ = make()
+    send(by_json, type="session.update", voice="leo", temperature=0.5)
+    typed.update(voice="leo", temperature=0.5)
+    send(by_json, type="session.update", top_p=9)  # refused the same way
+    typed.update(top_p=9)
+    send(by_json, type="text.delta", text="Hello there. More", id="t1")
+    typed.text_delta("Hello there. More", id="t1")
+    send(by_json, type="text.delta", text="x", id="other")  # another turn's id: refused
+    typed.text_delta("x", id="other")
+    send(by_json, type="text.end")
+    typed.text_end()
+    assert events(typed) == events(by_json)
+    assert typed.actions() == by_json.actions()
+    assert typed.params.voice == "leo"

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from gateway.clock import FakeClock
-from gateway.core.protocol import Outgoing, ProtocolOptions, SessionProtocol
+from gateway.core.protocol import Outgoing, ProtocolOptions, ServerEvent, SessionProtocol
 from gateway.core.segmenter import SegmenterOptions
 from gateway.server.driver import (
     IDLE,
@@ -25,6 +25,7 @@ from gateway.server.driver import (
     SessionDriver,
     Tick,
 )
+from gateway.server.session import render
 from gateway.vocab import SAMPLE_RATE, AudioChunk, SegmentJob
 
 pytestmark = pytest.mark.anyio
@@ -82,7 +83,7 @@ class Harness:
         await self.step()
 
     def events(self) -> list[dict[str, object]]:
-        return [orjson.loads(o.data) for o in self.sent if isinstance(o.data, str)]
+        return [orjson.loads(render(o.data)) for o in self.sent if isinstance(o.data, ServerEvent)]
 
     def audio(self) -> bytes:
         return b"".join(o.data for o in self.sent if isinstance(o.data, bytes))

@@ -314,13 +314,15 @@ async def test_session_limit_closes_with_1013() -> None:
 
 
 async def test_outbox_is_bounded_and_purges_stale_audio() -> None:
-    from gateway.core.protocol import Outgoing
-    from gateway.server.session import Outbox, SlowClientError
+    from gateway.core.protocol import Outgoing, ServerEvent
+    from gateway.server.session import Outbox, SlowClientError, render
 
+    pong = ServerEvent("pong")
     box = Outbox(max_bytes=30)
-    box.put([Outgoing(b"12345", epoch=0), Outgoing('{"type":"pong"}'), Outgoing(b"67", 1)])
+    box.put([Outgoing(b"12345", epoch=0), Outgoing(pong), Outgoing(b"67", 1)])
     box.purge(1)  # an interrupt: epoch-0 audio goes, control frames and newer audio stay
-    assert [o.data for o in [await box.get(), await box.get()]] == ['{"type":"pong"}', b"67"]
+    assert [o.data for o in [await box.get(), await box.get()]] == [pong, b"67"]
+    assert render(pong) == '{"type":"pong"}'  # counted as the bytes the client gets
     box.put([Outgoing(b"x" * 31, epoch=1)])
     with pytest.raises(SlowClientError):
         await box.get()
