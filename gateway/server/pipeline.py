@@ -48,7 +48,7 @@ class Decoder(Protocol):
         self,
         *,
         session_id: str,
-        turn: int,
+        epoch: int,
         seq: int,
         deadline: Callable[[], float],
         plan_by_deadline: bool,
@@ -80,7 +80,7 @@ class Pipeline:
     def _open(self, job: SegmentJob, sink: SegmentSink) -> PcmStream:
         stream = self.worker.open_stream(
             session_id=job.session_id,
-            turn=job.epoch,
+            epoch=job.epoch,
             seq=job.seq,
             deadline=sink.deadline,
             plan_by_deadline=True,

@@ -72,7 +72,7 @@ class FakeDecoder:
         self,
         *,
         session_id: str,
-        turn: int,
+        epoch: int,
         seq: int,
         deadline: Callable[[], float],
         plan_by_deadline: bool,
