@@ -72,3 +72,59 @@ class SegmentFailed:
 
 SegmentItem = AudioChunk | SegmentEnd | SegmentFailed
 """What producers push into the reorder buffer and what it releases, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenParams:
+    """Per-session generation parameters; ``None`` means the upstream's configured value."""
+
+    voice: str
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentJob:
+    """One segment to synthesise: what the protocol asks for, what the session's driver
+    starts, and what the upstream client builds its request body from.
+
+    ``epoch`` is the interrupt generation it belongs to; ``seq`` its number within that
+    epoch, across turns (playback order: the reorder buffer and the upstream admission
+    queue order by ``(epoch, seq)``); ``turn`` the session's turn number and ``turn_seq``
+    its number within the turn (the ``turn`` and ``seq`` the client sees).
+    """
+
+    session_id: str
+    epoch: int
+    seq: int
+    turn: int
+    turn_seq: int
+    text: str
+    params: GenParams
+
+    @property
+    def label(self) -> str:
+        """How logs and upstream request ids name it."""
+        return f"{self.session_id}/{self.epoch}/{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a segment's next sample plays, as a value the session's driver pushes to the
+    segment's decode stream: ``max(now, runout) + ahead``.
+
+    ``runout`` is when the client's buffer runs dry at the earliest (``None`` before any
+    audio went out: playback then starts when the audio arrives); ``ahead`` is what plays
+    before this segment's next sample (negative for audio of the head segment already
+    sent). Evaluated with the reader's ``now``, it is the same figure the driver would
+    compute at that moment."""
+
+    runout: float | None = None
+    ahead: float = 0.0
+
+    def at(self, now: float) -> float:
+        start = now if self.runout is None else max(now, self.runout)
+        return start + self.ahead

@@ -178,7 +178,7 @@ async def _stream_run(
     await worker.start()  # warm-up happens here, outside the measurement
     try:
         streams = [
-            worker.open_stream(session_id=f"s{i:02d}", turn=0, seq=0) for i in range(len(segs))
+            worker.open_stream(session_id=f"s{i:02d}", epoch=0, seq=0) for i in range(len(segs))
         ]
         readers = [s.chunks().__aiter__() for s in streams]
         outs: list[list[bytes]] = [[] for _ in streams]

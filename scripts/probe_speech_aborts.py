@@ -95,7 +95,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 read = 0 if args.before_audio else args.read_kb * 1024
                 await one_abort(served.port, read, fake)
                 t0 = time.perf_counter()
-                while fake.fake.stats().active or gw.sessions.active or gw.engines:
+                while fake.fake.stats().active or gw.sessions.active or gw.drivers:
                     if time.perf_counter() - t0 > 10:
                         break
                     await asyncio.sleep(0.002)

@@ -123,12 +123,12 @@ async def test_a_few_dozen_sessions_all_complete_exact_and_in_order(
             results = await asyncio.gather(*(run_client(url, i) for i in range(SESSIONS)))
             gw = app.state.gateway
             synth = gw.services.synth
-            # Nothing outlives its session: engines, upstream slots, decode streams.
+            # Nothing outlives its session: drivers, upstream slots, decode streams.
             for _ in range(100):
-                if not gw.engines and synth.worker.stats.streams == 0:
+                if not gw.drivers and synth.worker.stats.streams == 0:
                     break
                 await asyncio.sleep(0.02)
-            assert not gw.engines
+            assert not gw.drivers
             assert synth.worker.stats.streams == 0
             pool = synth.pool.snapshot()
             assert (pool.in_flight, pool.waiting, pool.retries, pool.failed) == (0, 0, 0, 0)

@@ -42,13 +42,14 @@ class Ticket:
 
     id: int
     session: str
-    turn: int
+    epoch: int
     seq: int
 
     @property
     def order(self) -> tuple[int, int, int]:
-        # The id breaks ties, so a repeated (turn, seq) still has a total order.
-        return (self.turn, self.seq, self.id)
+        # Playback order within a session; the id breaks ties, so a repeated
+        # (epoch, seq) still has a total order.
+        return (self.epoch, self.seq, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +141,9 @@ class Admission:
 
     # ------------------------------------------------------------------ operations
 
-    def open(self, session: str, turn: int, seq: int) -> Ticket:
+    def open(self, session: str, epoch: int, seq: int) -> Ticket:
         """Register a segment. It holds no slot and no queue place until :meth:`acquire`."""
-        t = Ticket(next(self._ids), session, turn, seq)
+        t = Ticket(next(self._ids), session, epoch, seq)
         s = self._sessions.get(session)
         if s is None:
             s = self._sessions[session] = _Session()

@@ -1,11 +1,12 @@
 """The session protocol state machine for ``/v1/tts/stream``, sans I/O.
 
-Modelled on python-websockets' ``protocol.py``: the runner feeds it what the client sent
-(:meth:`receive_text`, :meth:`receive_bytes`), what producers made (:meth:`push`, the
-``llm_*`` methods) and the passage of time (:meth:`tick`); it hands back frames to send
-(:meth:`data_to_send`) and work to start or cancel (:meth:`actions`). It never awaits,
-never touches a socket and never imports torch, so every protocol rule is unit-tested
-without a server.
+Modelled on python-websockets' ``protocol.py``: the driver feeds it what the client sent
+(:meth:`receive_text`, :meth:`receive_bytes`, or the typed calls :meth:`update`,
+:meth:`text_delta`, :meth:`text_end`), what producers made (:meth:`push`, the ``llm_*``
+methods) and the passage of time (:meth:`tick`); it hands back what to send
+(:meth:`data_to_send`: :class:`ServerEvent` values and PCM) and work to start or cancel
+(:meth:`actions`). It never awaits, never touches a socket and never imports torch, so
+every protocol rule is unit-tested without a server.
 
 Numbering: the client sees turns from 0 and segments from 0 within each turn. Internally
 every segment also gets a session-wide ``seq`` within the current *epoch* (an interrupt
@@ -40,37 +41,15 @@ from gateway.vocab import (
     BYTES_PER_SAMPLE,
     SAMPLE_RATE,
     AudioChunk,
+    GenParams,
     SegmentEnd,
     SegmentFailed,
     SegmentItem,
+    SegmentJob,
 )
 
 # ----------------------------------------------------------------------------------------
 # Vocabulary of the protocol
-
-
-@dataclass(frozen=True, slots=True)
-class GenParams:
-    """Per-session generation parameters; ``None`` means the upstream's configured value."""
-
-    voice: str
-    temperature: float | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StartSegment:
-    """Synthesise one segment. ``seq`` is the session-wide number within ``epoch``."""
-
-    epoch: int
-    seq: int
-    turn: int
-    turn_seq: int
-    text: str
-    params: GenParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,15 +69,27 @@ class StartChat:
     """(role, content) pairs: system prompt, history, then the new user message."""
 
 
-Action = StartSegment | CancelWork | StartChat
+Action = SegmentJob | CancelWork | StartChat
+"""Work for the driver: a :class:`SegmentJob` to start, an interrupt, a chat reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEvent:
+    """A JSON event for the client, as a value: its ``type`` and the other fields, in the
+    order the wire carries them. The WebSocket shell renders it (``{"type": ..., **fields}``);
+    ``/v1/audio/speech`` reads it as it is."""
+
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A frame for the client. ``epoch`` is set on audio-path frames, which an interrupt
-    may drop from the send queue; control frames have ``epoch=None`` and are never dropped."""
+    """Something for the client: an event, or PCM (s16le). ``epoch`` is set on audio-path
+    items, which an interrupt may drop from the send queue; control events have
+    ``epoch=None`` and are never dropped."""
 
-    data: str | bytes
+    data: ServerEvent | bytes
     epoch: int | None = None
 
 
@@ -161,10 +152,6 @@ class _Seg:
     params: GenParams
     started: bool = False
     samples: int = 0
-
-
-def _json(obj: dict[str, Any]) -> str:
-    return orjson.dumps(obj).decode()
 
 
 class SessionProtocol:
@@ -315,8 +302,32 @@ class SessionProtocol:
         except orjson.JSONDecodeError:
             self._error(ErrorCode.BAD_JSON, "frame is not valid JSON")
             return
+        self._handle(SessionProtocol._dispatch, msg)
+
+    # Typed calls: what the matching client message does, for a shell that has its input
+    # as values already (``/v1/audio/speech``); same checks, same answers, no JSON.
+
+    def update(self, **fields: object) -> None:
+        """``session.update`` with these fields."""
+        self._typed(SessionProtocol._on_update, {"type": "session.update", **fields})
+
+    def text_delta(self, text: str, id: str | None = None) -> None:
+        """``text.delta``."""
+        self._typed(SessionProtocol._on_delta, _with_id({"type": "text.delta", "text": text}, id))
+
+    def text_end(self, id: str | None = None) -> None:
+        """``text.end``."""
+        self._typed(SessionProtocol._on_end, _with_id({"type": "text.end"}, id))
+
+    def _typed(self, handler: Callable[[SessionProtocol, Any], None], msg: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        self._active_at = self._clock()
+        self._handle(handler, msg)
+
+    def _handle(self, handler: Callable[[SessionProtocol, Any], None], msg: Any) -> None:
         try:
-            self._dispatch(msg)
+            handler(self, msg)
         except GatewayError as exc:
             self._error(exc.code, exc.message, _echo_id(msg))
 
@@ -473,7 +484,7 @@ class SessionProtocol:
         self._reorder.reset(self._epoch)
         # Audio already queued for the client is stale now; control frames stay.
         self._out = [o for o in self._out if o.epoch is None]
-        self._actions = [a for a in self._actions if not isinstance(a, StartSegment | StartChat)]
+        self._actions = [a for a in self._actions if not isinstance(a, SegmentJob | StartChat)]
         self._actions.append(CancelWork(self._epoch))
         self._send({"type": "interrupted", **current})
 
@@ -521,7 +532,8 @@ class SessionProtocol:
 
     def _send(self, obj: dict[str, Any], epoch: int | None = None) -> None:
         if not self._closed:
-            self._out.append(Outgoing(_json(obj), epoch))
+            kind = obj.pop("type")
+            self._out.append(Outgoing(ServerEvent(kind, obj), epoch))
 
     def _error(self, code: ErrorCode | str, message: str, cid: str | None = None) -> None:
         code = str(code)
@@ -592,9 +604,11 @@ class SessionProtocol:
             seq = self._held.popleft()
             seg = self._segs[seq]
             self._held_chars -= len(seg.text)
-            self._actions.append(
-                StartSegment(self._epoch, seq, seg.turn.number, seg.turn_seq, seg.text, seg.params)
-            )
+            job = SegmentJob(
+                self.session_id, self._epoch, seq, seg.turn.number, seg.turn_seq, seg.text,
+                seg.params,
+            )  # fmt: skip
+            self._actions.append(job)
 
     def _release(self) -> None:
         for item in self._reorder.take():
@@ -687,6 +701,12 @@ class SessionProtocol:
 
 _ID_TYPES = frozenset({"text.delta", "text.end", "chat.message"})
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _with_id(msg: dict[str, Any], cid: str | None) -> dict[str, Any]:
+    if cid is not None:
+        msg["id"] = cid
+    return msg
 
 
 def _client_id(msg: dict[str, Any]) -> str | None:

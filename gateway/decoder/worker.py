@@ -195,7 +195,7 @@ class DecodeWorker:
         self,
         *,
         session_id: str,
-        turn: int,
+        epoch: int,
         seq: int,
         deadline: Deadline = None,
         plan_by_deadline: bool = False,
@@ -224,7 +224,7 @@ class DecodeWorker:
             self,
             key=next(self._keys),
             session_id=session_id,
-            turn=turn,
+            epoch=epoch,
             seq=seq,
             deadline=self._clock() if deadline is None else deadline,
             loop=asyncio.get_running_loop(),
@@ -276,7 +276,7 @@ class DecodeWorker:
                 frames=p.end - p.start,
                 group=self._engine.group_key(p),
                 submitted=now,
-                tie=(stream.session_id, stream.turn, stream.seq, p.index),
+                tie=(stream.session_id, stream.epoch, stream.seq, p.index),
                 item=_Job(stream, p),
             )
             for p in plans
@@ -449,7 +449,7 @@ class DecodeStream:
         *,
         key: int,
         session_id: str,
-        turn: int,
+        epoch: int,
         seq: int,
         deadline: Callable[[], float] | float,
         loop: asyncio.AbstractEventLoop,
@@ -462,7 +462,7 @@ class DecodeStream:
         """The stream's key in the worker's scheduler."""
         self.paced = paced
         self.session_id = session_id
-        self.turn = turn
+        self.epoch = epoch
         self.seq = seq
         self._deadline = deadline
         self._loop = loop
@@ -486,7 +486,7 @@ class DecodeStream:
 
     def __repr__(self) -> str:
         return (
-            f"DecodeStream({self.session_id!r}, turn={self.turn}, seq={self.seq}, "
+            f"DecodeStream({self.session_id!r}, epoch={self.epoch}, seq={self.seq}, "
             f"chunks={self._next}/{self._submitted})"
         )
 
@@ -572,7 +572,7 @@ class DecodeStream:
         unread = self._submitted - self._next
         if unread + len(plans) > self._worker._queue_size:
             err = BufferOverflowError(
-                f"segment {self.turn}/{self.seq}: more than {self._worker._queue_size} chunks "
+                f"segment {self.epoch}/{self.seq}: more than {self._worker._queue_size} chunks "
                 "decoded but not read"
             )
             self._fail(err)

@@ -28,7 +28,7 @@ from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, Sessio
 from gateway.core.segmenter import SegmenterOptions
 from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
-from gateway.server.engine import SessionEngine, Synthesizer
+from gateway.server.driver import SessionDriver, Synthesizer
 from gateway.server.metrics import Metrics
 from gateway.server.security import KeyChecker, OriginPolicy, Principal, SessionLimiter
 from gateway.server.session import (
@@ -100,20 +100,20 @@ class Gateway:
         self.origins = OriginPolicy(settings.gateway.auth.allowed_origins)
         lim = settings.gateway.limits
         self.sessions = SessionLimiter(lim.max_sessions, lim.max_sessions_per_key)
-        self.engines: set[SessionEngine] = set()
+        self.drivers: set[SessionDriver] = set()
         self.clock = time.monotonic
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
 
     def _gauges(self) -> dict[str, float]:
         try:
-            # Every task on the loop, not just the engines' own: a leak anywhere (a
+            # Every task on the loop, not just the drivers' own: a leak anywhere (a
             # handler, a stream reader) shows up here; the soak script watches it.
             loop_tasks = float(len(asyncio.all_tasks()))
         except RuntimeError:  # scraped off the loop (tests calling render() directly)
             loop_tasks = 0.0
         return {
-            "engine_tasks": float(sum(e.tasks for e in self.engines)),
-            "segments_inflight": float(sum(e.inflight for e in self.engines)),
+            "engine_tasks": float(sum(d.tasks for d in self.drivers)),
+            "segments_inflight": float(sum(d.inflight for d in self.drivers)),
             "event_loop_tasks": loop_tasks,
             # Slots held by WebSocket sessions and /v1/audio/speech requests together:
             # what max_sessions counts, so a leak here is visible before it locks users out.
@@ -130,29 +130,33 @@ class Gateway:
         for code, n in errors.items():
             m.errors.labels(code).inc(n)
 
-    def new_engine(
-        self, session_id: str, on_output: Callable[[list[Outgoing]], None],
-        on_cancel: Callable[[int], None] = lambda e: None,
+    def new_driver(
+        self, session_id: str, send: Callable[[list[Outgoing]], None],
+        purge: Callable[[int], None] = lambda e: None,
         may_start: Callable[[], bool] = lambda: True,
+        idle_ok: Callable[[], bool] = lambda: True,
         paced: bool = True,
-    ) -> SessionEngine:  # fmt: skip
+        tick_interval_s: float | None = None,
+    ) -> SessionDriver:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
         options = protocol_options(
             self.settings, chat=chat is not None, simulated=self.services.simulated
         )
         protocol = SessionProtocol(session_id, options, clock=self.clock)
-        return SessionEngine(
+        return SessionDriver(
             protocol,
             self.services.synth,
             chat=chat,
             max_inflight=self.settings.gateway.limits.max_inflight_segments,
             clock=self.clock,
-            on_output=on_output,
-            on_cancel=on_cancel,
+            send=send,
+            purge=purge,
             on_metrics=self._observe,
             may_start=may_start,
+            idle_ok=idle_ok,
             paced=paced,
+            tick_interval_s=tick_interval_s,
         )
 
 
@@ -205,29 +209,29 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
     lim = gw.settings.gateway.limits
     gw.metrics.sessions_total.inc()
     gw.metrics.sessions_active.inc()
-    engines = gw.engines
-    holder: list[SessionEngine] = []
+    drivers = gw.drivers
+    holder: list[SessionDriver] = []
+    limits = RunnerLimits(
+        outbound_queue_bytes=lim.outbound_queue_bytes,
+        slow_client_timeout_s=lim.slow_client_timeout_ms / 1000.0,
+    )
 
-    def make_engine(outbox: Outbox) -> SessionEngine:
-        engine = gw.new_engine(session_id, outbox.put, outbox.purge)
-        holder.append(engine)
-        engines.add(engine)
-        return engine
+    def make_driver(outbox: Outbox) -> SessionDriver:
+        driver = gw.new_driver(
+            session_id, outbox.put, outbox.purge, idle_ok=lambda: not outbox.queued_bytes,
+            tick_interval_s=limits.tick_interval_s,
+        )  # fmt: skip
+        holder.append(driver)
+        drivers.add(driver)
+        return driver
 
     try:
-        code = await run_session(
-            ws,
-            make_engine,
-            RunnerLimits(
-                outbound_queue_bytes=lim.outbound_queue_bytes,
-                slow_client_timeout_s=lim.slow_client_timeout_ms / 1000.0,
-            ),
-        )
+        code = await run_session(ws, make_driver, limits)
         if code >= 4000:
             gw.metrics.errors.labels(ErrorCode.SLOW_CLIENT.value).inc()
     finally:
-        for e in holder:
-            engines.discard(e)
+        for d in holder:
+            drivers.discard(d)
         gw.sessions.release(principal)
         gw.metrics.sessions_active.dec()
 

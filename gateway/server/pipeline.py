@@ -6,8 +6,9 @@ window is decoded). Frames go to the decoder the moment they are complete; audio
 the session the moment it is decoded.
 
 A transient upstream failure may be retried, but only while none of the segment's audio
-has been released toward the client; then the partial audio is taken back and the new
-attempt starts from chunk 0. Otherwise the segment fails in place.
+has been released toward the client: the pool asks (``may_restart``) and the session's
+reorder buffer answers, taking the partial audio back (the new attempt starts from chunk 0).
+Otherwise the segment fails in place, after the frames it did get have played.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Protocol
 
 from gateway.errors import ErrorCode, GatewayError, UpstreamError
-from gateway.server.engine import SegmentJob, SegmentSink
-from gateway.upstream.client import TtsRequest
-from gateway.upstream.pool import Restart, UpstreamPool
+from gateway.server.driver import SegmentSink
+from gateway.upstream.pool import MayRestart, Restart, SynthEvent
+from gateway.vocab import SegmentJob
 
 FRAMES_PER_CHAR = 0.8
 """Orpheus speaks about 14 characters a second, 0.8 frames a character: an estimate of a
@@ -47,7 +48,7 @@ class Decoder(Protocol):
         self,
         *,
         session_id: str,
-        turn: int,
+        epoch: int,
         seq: int,
         deadline: Callable[[], float],
         plan_by_deadline: bool,
@@ -56,15 +57,30 @@ class Decoder(Protocol):
     ) -> PcmStream: ...
 
 
+class Synthesis(Protocol):
+    """One segment's upstream stream (:class:`gateway.upstream.pool.Synthesis`)."""
+
+    async def __aenter__(self) -> AsyncIterator[SynthEvent]: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class Upstream(Protocol):
+    """What the pipeline uses of the upstream pool."""
+
+    def synthesize(self, job: SegmentJob, *, may_restart: MayRestart | None = None) -> Synthesis:
+        """Speak one segment: its frames, a :class:`Restart` before each retry."""
+
+
 class Pipeline:
-    def __init__(self, pool: UpstreamPool, worker: Decoder) -> None:
+    def __init__(self, pool: Upstream, worker: Decoder) -> None:
         self.pool = pool
         self.worker = worker
 
     def _open(self, job: SegmentJob, sink: SegmentSink) -> PcmStream:
         stream = self.worker.open_stream(
             session_id=job.session_id,
-            turn=job.epoch,
+            epoch=job.epoch,
             seq=job.seq,
             deadline=sink.deadline,
             plan_by_deadline=True,
@@ -75,44 +91,40 @@ class Pipeline:
         return stream
 
     async def synthesize(self, job: SegmentJob, sink: SegmentSink) -> None:
-        p = job.params
-        req = TtsRequest(
-            session_id=job.session_id,
-            turn=job.epoch,
-            seq=job.seq,
-            voice=p.voice,
-            text=job.text,
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            repetition_penalty=p.repetition_penalty,
-            seed=p.seed,
-        )
         stream = self._open(job, sink)
-        consumer = asyncio.create_task(_drain(stream, sink))
+        consumer = asyncio.create_task(_drain(stream, sink, sink.attempt))
         pushed = 0  # frames of the current attempt handed to the decoder
+        asked = False  # this attempt's audio was already taken back
+
+        async def may_restart() -> bool:
+            # Asked once, before a retry: a yes also drops the audio this attempt has
+            # produced so far, in the reorder buffer and in the driver.
+            nonlocal asked
+            asked = True
+            return await sink.retract()
+
         try:
             try:
                 # The context manager closes the HTTP stream and frees the upstream slot
                 # however this block ends (error, cancel), not only when iteration ends.
-                async with self.pool.synthesize(
-                    req, may_restart=lambda: not sink.audio_sent
-                ) as synthesis:
+                async with self.pool.synthesize(job, may_restart=may_restart) as synthesis:
                     async for ev in synthesis:
                         if isinstance(ev, Restart):
                             await _stop(stream, consumer)
-                            if not sink.restart():
+                            # No frames, no question: take back nothing, but still check.
+                            if not asked and not await sink.retract():
                                 raise UpstreamError(
                                     f"upstream failed after audio was sent: {ev.message}",
                                     code=ErrorCode.UPSTREAM_ERROR,
                                 )
+                            asked = False
                             stream = self._open(job, sink)
-                            consumer = asyncio.create_task(_drain(stream, sink))
+                            consumer = asyncio.create_task(_drain(stream, sink, sink.attempt))
                             pushed = 0
                             continue
                         if consumer.done():
                             consumer.result()  # a decoder failure ends the segment now
-                        sink.frames(len(ev.frames))
+                        await sink.frames(len(ev.frames))
                         stream.push(list(ev.frames))
                         pushed += len(ev.frames)
             except GatewayError:
@@ -129,9 +141,9 @@ class Pipeline:
             await _stop(stream, consumer)
 
 
-async def _drain(stream: PcmStream, sink: SegmentSink) -> None:
+async def _drain(stream: PcmStream, sink: SegmentSink, attempt: int) -> None:
     async for pcm in stream.chunks():
-        sink.audio(pcm)
+        await sink.audio(pcm, attempt)
 
 
 async def _stop(stream: PcmStream, consumer: asyncio.Task[None]) -> None:

@@ -1,9 +1,9 @@
-"""The WebSocket session runner: moves frames between a client and a SessionEngine.
+"""The WebSocket session runner: moves frames between a client and a SessionDriver.
 
-Three tasks per session, all owned here: the receiver (client frames into the protocol),
-the sender (a bounded outbox to the socket) and a ticker (idle flush, paced segments, the
-idle timeout). Whichever ends first ends the session; then everything is cancelled and
-awaited.
+Three tasks per session, all owned here: the receiver (client frames into the driver's
+inbox), the sender (the driver's bounded outbox to the socket) and the driver's loop (which
+ticks: idle flush, paced segments, the idle timeout). Whichever ends first ends the
+session; then everything is cancelled and awaited.
 
 A client that breaks the WebSocket protocol itself (reserved bits, unknown opcodes,
 unmasked frames, invalid UTF-8) is closed by the server's WebSocket layer with 1002 or
@@ -21,10 +21,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from gateway.core.protocol import Outgoing
-from gateway.server.engine import SessionEngine
+from gateway.core.protocol import Outgoing, ServerEvent
+from gateway.server.driver import IDLE, ClientBytes, ClientText, SessionDriver
 
 log = logging.getLogger("voicegw.session")
 
@@ -38,7 +39,7 @@ CLOSE_TRY_LATER = 1013
 CLOSE_SLOW_CLIENT = 4008
 
 
-IDLE_REASON = "idle_timeout"
+IDLE_REASON = IDLE
 
 # Close codes the WebSocket layer uses when the client broke the protocol, and what to call
 # each kind in the log.
@@ -103,6 +104,16 @@ def _install_log_filter() -> None:
 _install_log_filter()
 
 
+def render(event: ServerEvent) -> str:
+    """An event as the WebSocket client gets it: one JSON object, ``type`` first."""
+    return orjson.dumps({"type": event.type, **event.fields}).decode()
+
+
+def size(o: Outgoing) -> int:
+    """What an item counts against the outbox's byte limit: its bytes as sent."""
+    return len(o.data) if isinstance(o.data, bytes) else len(render(o.data))
+
+
 class SlowClientError(Exception):
     """The client stopped reading: its outbox is over the byte limit."""
 
@@ -129,7 +140,7 @@ class Outbox:
     def put(self, items: list[Outgoing]) -> None:
         for o in items:
             self._q.append(o)
-            self._bytes += len(o.data)
+            self._bytes += size(o)
         if self._bytes > self.max_bytes:
             self.overflowed = True
         self._wake.set()
@@ -138,7 +149,7 @@ class Outbox:
         """Drop queued audio-path frames of epochs before ``epoch`` (an interrupt)."""
         kept = deque(o for o in self._q if o.epoch is None or o.epoch >= epoch)
         self._q = kept
-        self._bytes = sum(len(o.data) for o in kept)
+        self._bytes = sum(size(o) for o in kept)
 
     async def get(self) -> Outgoing:
         while not self._q:
@@ -149,7 +160,7 @@ class Outbox:
         if self.overflowed:
             raise SlowClientError
         o = self._q.popleft()
-        self._bytes -= len(o.data)
+        self._bytes -= size(o)
         return o
 
 
@@ -164,13 +175,13 @@ class RunnerLimits:
 
 async def run_session(
     ws: WebSocket,
-    make_engine: Callable[[Outbox], SessionEngine],
+    make_driver: Callable[[Outbox], SessionDriver],
     limits: RunnerLimits,
 ) -> int:
     """Serve one accepted WebSocket until either side ends it. Returns the close code."""
     outbox = Outbox(limits.outbound_queue_bytes)
-    engine = make_engine(outbox)
-    protocol = engine.protocol
+    driver = make_driver(outbox)
+    protocol = driver.protocol
     close_code = CLOSE_NORMAL
     close_reason = ""
 
@@ -186,10 +197,9 @@ async def run_session(
                     close_code = code
                 return
             if msg.get("text") is not None:
-                protocol.receive_text(msg["text"])
+                await driver.put(ClientText(msg["text"]))
             elif msg.get("bytes") is not None:
-                protocol.receive_bytes(msg["bytes"])
-            engine.pump()
+                await driver.put(ClientBytes(msg["bytes"]))
 
     async def sender() -> None:
         nonlocal close_code, close_reason
@@ -204,7 +214,7 @@ async def run_session(
                     if isinstance(item.data, bytes):
                         await ws.send_bytes(item.data)
                     else:
-                        await ws.send_text(item.data)
+                        await ws.send_text(render(item.data))
             except TimeoutError:
                 close_code, close_reason = CLOSE_SLOW_CLIENT, "slow_client: send timed out"
                 return
@@ -213,23 +223,17 @@ async def run_session(
                 # violation, a keepalive timeout): the receiver hears why; nothing to log.
                 return
 
-    async def ticker() -> None:
+    async def drive() -> None:
         nonlocal close_reason
-        while True:
-            await asyncio.sleep(limits.tick_interval_s)
-            protocol.tick()
-            engine.pump()
-            # Idle: no client message and no work for idle_timeout, and nothing left to send.
-            if protocol.idle_expired and not outbox.queued_bytes:
-                close_reason = IDLE_REASON
-                return
+        # It returns when the session is idle: no client message and no work for
+        # idle_timeout, and nothing left to send.
+        close_reason = await driver.run()
 
     protocol.start()
-    engine.pump()
     tasks = [
         asyncio.create_task(receiver(), name=f"ws-recv-{protocol.session_id}"),
         asyncio.create_task(sender(), name=f"ws-send-{protocol.session_id}"),
-        asyncio.create_task(ticker(), name=f"ws-tick-{protocol.session_id}"),
+        asyncio.create_task(drive(), name=f"ws-drive-{protocol.session_id}"),
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -242,7 +246,7 @@ async def run_session(
         # Cancel the work first: upstream streams must close even if the socket is stuck.
         for t in tasks:
             t.cancel()
-        await engine.aclose()
+        await driver.aclose()
         await asyncio.gather(*tasks, return_exceptions=True)
         if ws.client_state == WebSocketState.CONNECTED:
             # A client that stopped reading may never take the close frame: wait a bounded

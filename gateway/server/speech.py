@@ -1,12 +1,13 @@
 """``POST /v1/audio/speech``: OpenAI-compatible speech, streamed as it is produced.
 
-One request is one session: it holds a session slot and drives one SessionEngine, both
-owned by :func:`speech`. Three tasks run the response: the sender (engine output to the
-client), a watcher that waits for ``http.disconnect`` and a ticker (segments paced by
-the rate limit). Whichever ends first ends the request, and the engine is closed (its
-upstream streams and decode jobs cancelled) and the slot released in a ``finally``, so an
-aborted download, a server shutdown or a bug all free the same things; nothing waits for
-an async generator to be garbage-collected.
+One request is one session: it holds a session slot and runs one SessionDriver, as a
+WebSocket session does, both owned by :func:`speech`. The request's input goes to the
+protocol through typed calls. Three tasks run the response: the sender (the driver's
+outbox to the client), a watcher that waits for ``http.disconnect`` and the driver's loop
+(which ticks: segments paced by the rate limit). Whichever ends first ends the request,
+and the driver is closed (its upstream streams and decode jobs cancelled) and the slot
+released in a ``finally``, so an aborted download, a server shutdown or a bug all free the
+same things; nothing waits for an async generator to be garbage-collected.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse
 
 from gateway.core.codec import resolve_voice
 from gateway.errors import ErrorCode, GatewayError, ProtocolError
+from gateway.server.driver import Drained, SessionDriver
 from gateway.server.security import Principal
 from gateway.server.session import Outbox, SlowClientError
 from gateway.serving import cut_off_response
@@ -45,8 +47,8 @@ BYTES_PER_SECOND = SAMPLE_RATE * 2
 # ride out a reader's hiccups, and what a slow reader costs the gateway (plus the audio of
 # the segments already running, at most max_inflight_segments of them).
 HIGH_WATER_BYTES = 10 * BYTES_PER_SECOND
-# As the WebSocket runner's ticker: segments held back by the rate limit start only when
-# time passes (protocol.tick()), not when anything else happens.
+# As a WebSocket session's: segments held back by the rate limit start only when time
+# passes (protocol.tick()), not when anything else happens.
 TICK_INTERVAL_S = 0.1
 
 
@@ -251,7 +253,7 @@ async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRe
 async def _run(
     gw: Gateway, req: SpeechRequest, principal: Principal, receive: Receive, send: Send
 ) -> None:
-    """Stream one admitted request; always closes the engine and releases the slot."""
+    """Stream one admitted request; always closes the driver and releases the slot."""
     lim = gw.settings.gateway.limits
     outbox = Outbox(lim.outbound_queue_bytes)
     high_water = min(HIGH_WATER_BYTES, lim.outbound_queue_bytes // 2)
@@ -261,38 +263,33 @@ async def _run(
     try:
         # Not paced: an HTTP client may be saving a file; it gets audio as fast as the
         # decoder can make it, in deadline order with everyone else.
-        engine = gw.new_engine(
+        driver = gw.new_driver(
             session_id,
             outbox.put,
             may_start=lambda: outbox.queued_bytes < high_water,
+            idle_ok=lambda: False,
             paced=False,
+            # Without it a long input stalls once the rate limit's burst is spent.
+            tick_interval_s=TICK_INTERVAL_S,
         )
-        gw.engines.add(engine)
+        gw.drivers.add(driver)
         try:
-            p = engine.protocol
-            p.receive_text(orjson.dumps({"type": "session.update", "voice": req.voice}).decode())
-            p.receive_text(orjson.dumps({"type": "text.delta", "text": req.text}).decode())
-            p.receive_text('{"type":"text.end"}')
-            engine.pump()
+            p = driver.protocol
+            p.update(voice=req.voice)
+            p.text_delta(req.text)
+            p.text_end()
 
             async def disconnected() -> None:
                 while (await receive())["type"] != "http.disconnect":
                     pass
 
-            async def ticker() -> None:
-                # Without it a long input stalls once the rate limit's burst is spent.
-                while True:
-                    await asyncio.sleep(TICK_INTERVAL_S)
-                    p.tick()
-                    engine.pump()
-
             tasks = [
                 asyncio.create_task(
-                    _respond(req, outbox, engine.pump, send, lim.slow_client_timeout_ms / 1000),
+                    _respond(req, outbox, driver, send, lim.slow_client_timeout_ms / 1000),
                     name=f"speech-send-{session_id}",
                 ),
                 asyncio.create_task(disconnected(), name=f"speech-watch-{session_id}"),
-                asyncio.create_task(ticker(), name=f"speech-tick-{session_id}"),
+                asyncio.create_task(driver.run(), name=f"speech-drive-{session_id}"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -300,7 +297,7 @@ async def _run(
                 for t in tasks:
                     t.cancel()
                 # Cancel the work before anything else can fail or block.
-                await engine.aclose()
+                await driver.aclose()
                 await asyncio.gather(*tasks, return_exceptions=True)
             for t in done:
                 exc = t.exception()
@@ -311,20 +308,20 @@ async def _run(
                     gw.metrics.errors.labels(ErrorCode.SLOW_CLIENT.value).inc()
                     cut_off_response()
         finally:
-            gw.engines.discard(engine)
+            gw.drivers.discard(driver)
     finally:
         gw.sessions.release(principal)
         gw.metrics.sessions_active.dec()
 
 
 async def _respond(
-    req: SpeechRequest, outbox: Outbox, pump: Callable[[], None], send: Send, send_timeout: float
+    req: SpeechRequest, outbox: Outbox, driver: SessionDriver, send: Send, send_timeout: float
 ) -> bool:
     """Hold the response until the first audio (if every segment fails before any audio
     exists the caller gets a proper HTTP error, not an empty 200), then stream it.
     Returns False if the client was cut off for not reading."""
     first: bytes | None = None
-    errors: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []  # segment.error fields
     while first is None:
         try:
             o = await outbox.get()
@@ -335,10 +332,9 @@ async def _respond(
         if isinstance(o.data, bytes):
             first = o.data
             break
-        msg = orjson.loads(o.data)
-        if msg["type"] == "segment.error":
-            errors.append(msg)
-        elif msg["type"] == "turn.done":
+        if o.data.type == "segment.error":
+            errors.append(o.data.fields)
+        elif o.data.type == "turn.done":
             break
     if first is None:
         if errors:
@@ -365,18 +361,20 @@ async def _respond(
             # WebSocket client is (4008): it would otherwise hold its slot for ever.
             async with asyncio.timeout(send_timeout):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            pump()  # the client caught up: queued segments may start
+            await driver.put(Drained())  # the client caught up: queued segments may start
             while True:
                 o = await outbox.get()
-                if isinstance(o.data, bytes):
-                    chunk = o.data
+                ev = o.data
+                if isinstance(ev, bytes):
+                    chunk = ev
                     break
-                msg = orjson.loads(o.data)
-                if msg["type"] == "turn.done":
+                if ev.type == "turn.done":
                     await send({"type": "http.response.body", "body": b""})
                     return True
-                if msg["type"] == "segment.error":
-                    log.warning("speech: segment %s failed: %s", msg["seq"], msg["message"])
+                if ev.type == "segment.error":
+                    log.warning(
+                        "speech: segment %s failed: %s", ev.fields["seq"], ev.fields["message"]
+                    )
     except (TimeoutError, SlowClientError):
         # Headers are out: ending the response would pass truncated audio off as whole.
         # Returning without finishing it makes uvicorn drop the connection instead.

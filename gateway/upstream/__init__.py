@@ -1,10 +1,11 @@
 """The TTS upstream: Orpheus on vLLM's completions API, behind a bounded, fair pool.
 
-The session runner needs only :class:`UpstreamPool`, :class:`TtsRequest` and the events
-of :class:`Synthesis`; see :mod:`gateway.upstream.pool` for the contract.
+The session runner needs only :class:`UpstreamPool` (it speaks a
+:class:`~gateway.vocab.SegmentJob`) and the events of :class:`Synthesis`; see
+:mod:`gateway.upstream.pool` for the contract.
 """
 
-from gateway.upstream.client import TtsRequest, UpstreamClient, build_body
+from gateway.upstream.client import UpstreamClient, build_body
 from gateway.upstream.pool import (
     AudioFrames,
     EndpointStats,
@@ -24,7 +25,6 @@ __all__ = [
     "Restart",
     "SynthEvent",
     "Synthesis",
-    "TtsRequest",
     "UpstreamClient",
     "UpstreamPool",
     "build_body",

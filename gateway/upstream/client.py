@@ -47,6 +47,7 @@ from gateway.config import Endpoint, RetrySettings, UpstreamSettings
 from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.core.sse import SSEParser
 from gateway.errors import ContextLengthError, ErrorCode, UpstreamError
+from gateway.vocab import SegmentJob
 
 POOL_KEEPALIVE = 50
 POOL_MAX_CONNECTIONS = 200
@@ -62,34 +63,8 @@ _DRAIN_S = 0.25
 _PROTOCOL_KEYS = frozenset({"model", "prompt", "stream", "skip_special_tokens"})
 
 
-@dataclass(frozen=True, slots=True)
-class TtsRequest:
-    """One segment to speak.
-
-    ``(turn, seq)`` must order a session's segments in playback order; the admission
-    queue serves a session's earliest open segment first. A session that numbers
-    segments per epoch can pass its epoch as ``turn``. ``None`` parameters take the
-    ``sounds.vllm`` settings.
-    """
-
-    session_id: str
-    turn: int
-    seq: int
-    voice: str
-    text: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.session_id}/{self.turn}/{self.seq}"
-
-
 def build_body(
-    settings: UpstreamSettings, req: TtsRequest, *, max_tokens: int | None = None
+    settings: UpstreamSettings, req: SegmentJob, *, max_tokens: int | None = None
 ) -> dict[str, Any]:
     """The JSON body of a streaming Orpheus completion request.
 
@@ -107,7 +82,7 @@ def build_body(
     extra = {k: v for k, v in settings.extra_body.items() if k not in _PROTOCOL_KEYS}
     body.update(extra)
     for key in ("max_tokens", "temperature", "top_p", "repetition_penalty", "seed"):
-        v = getattr(req, key)
+        v = getattr(req.params, key)
         if v is not None:
             body[key] = v
     if max_tokens is not None:
@@ -118,7 +93,7 @@ def build_body(
         stops.append(END_OF_SPEECH_TOKEN_ID)
     body.update(
         model=settings.tts_model,
-        prompt=build_prompt(req.voice, req.text),
+        prompt=build_prompt(req.params.voice, req.text),
         stop_token_ids=stops,
         skip_special_tokens=False,
         stream=True,

@@ -14,12 +14,12 @@ calls :meth:`UpstreamPool.synthesize` and iterates the returned :class:`Synthesi
 **Earliest audio, still correct.** Frames are handed out the moment the token parser
 completes them, while vLLM is still generating: nothing is held back for a possible
 retry. Correctness comes from the retry rule instead: a failed attempt that handed out
-frames is retried only if ``may_restart()`` says none of the segment's audio has reached
-the client. It is asked once, as the last step before such a retry, so an answer that
-also takes the audio back (the reorder buffer's ``retract``, the one authority on what
-was released) is race-free. On a retry a :class:`Restart` event comes first; every
-frame after it belongs to the new attempt. The decisions themselves (retry or not,
-where, after how long) are :mod:`gateway.core.attempts`.
+frames is retried only if ``may_restart()`` (a plain or an async callable) says none of
+the segment's audio has reached the client. It is asked once, as the last step before
+such a retry, so an answer that also takes the audio back (the reorder buffer's
+``retract``, the one authority on what was released) is race-free. On a retry a
+:class:`Restart` event comes first; every frame after it belongs to the new attempt. The
+decisions themselves (retry or not, where, after how long) are :mod:`gateway.core.attempts`.
 
 **Work per segment** happens in the caller's task, driven by its iteration: no hidden
 tasks. Leaving the ``async with`` (normally, by error, or by cancellation) closes the
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -69,7 +70,6 @@ from gateway.core.codec import ParserStats, TokenParser
 from gateway.errors import ErrorCode, OverloadedError, UpstreamError
 from gateway.upstream.client import (
     ContextTooLong,
-    TtsRequest,
     UpstreamClient,
     UpstreamHTTPError,
     backoff_delay,
@@ -77,7 +77,7 @@ from gateway.upstream.client import (
     counts_against_endpoint,
     fit_max_tokens,
 )
-from gateway.vocab import Frame
+from gateway.vocab import Frame, SegmentJob
 
 log = logging.getLogger("voicegw.upstream")
 
@@ -90,6 +90,10 @@ class AudioFrames:
     """The next complete frames of the current attempt, in order."""
 
     frames: tuple[Frame, ...]
+
+
+MayRestart = Callable[[], bool | Awaitable[bool]]
+"""Asked before retrying an attempt that delivered frames: may they be taken back?"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +116,7 @@ class RequestStats:
     """One segment's figures, for the metrics endpoint and the logs."""
 
     session_id: str
-    turn: int
+    epoch: int
     seq: int
     chars: int
     outcome: Outcome
@@ -214,7 +218,7 @@ class SegmentHost(Protocol):
         """A fresh attempt state machine with the configured retry policy."""
         ...
 
-    def open_segment(self, req: TtsRequest) -> Ticket:
+    def open_segment(self, req: SegmentJob) -> Ticket:
         """Take ``req``'s place in the admission queue."""
         ...
 
@@ -334,9 +338,7 @@ class UpstreamPool:
 
     # ------------------------------------------------------------------ public API
 
-    def synthesize(
-        self, req: TtsRequest, *, may_restart: Callable[[], bool] | None = None
-    ) -> Synthesis:
+    def synthesize(self, req: SegmentJob, *, may_restart: MayRestart | None = None) -> Synthesis:
         """Speak one segment. Nothing happens until the result is iterated."""
         return Synthesis(self, req, may_restart)
 
@@ -353,8 +355,8 @@ class UpstreamPool:
         retry = self.settings.retry
         return Attempts(self._policy, lambda n: backoff_delay(retry, n, self._rng))
 
-    def open_segment(self, req: TtsRequest) -> Ticket:
-        ticket = self._admission.open(req.session_id, req.turn, req.seq)
+    def open_segment(self, req: SegmentJob) -> Ticket:
+        ticket = self._admission.open(req.session_id, req.epoch, req.seq)
         self._counts["submitted"] += 1
         return ticket
 
@@ -559,7 +561,7 @@ class _Figures:
 
     def stats(
         self,
-        req: TtsRequest,
+        req: SegmentJob,
         outcome: Outcome,
         error: UpstreamError | None,
         *,
@@ -568,7 +570,7 @@ class _Figures:
     ) -> RequestStats:
         return RequestStats(
             session_id=req.session_id,
-            turn=req.turn,
+            epoch=req.epoch,
             seq=req.seq,
             chars=len(req.text),
             outcome=outcome,
@@ -597,9 +599,7 @@ class Synthesis:
     are released however the iteration ends.
     """
 
-    def __init__(
-        self, host: SegmentHost, req: TtsRequest, may_restart: Callable[[], bool] | None
-    ) -> None:
+    def __init__(self, host: SegmentHost, req: SegmentJob, may_restart: MayRestart | None) -> None:
         self._host = host
         self.request = req
         self._may_restart = may_restart
@@ -678,7 +678,7 @@ class Synthesis:
                     fig.tokens, fig.frames, fig.parser = tokens, att.delivered, parser.stats
                     host.release(ticket)
                 host.report(target.index, failure)
-                decision = self._decide(att, failure, fig.finish_reason, loop_time())
+                decision = await self._decide(att, failure, fig.finish_reason, loop_time())
                 if isinstance(decision, Done):
                     outcome = decision.outcome
                     if outcome == "truncated":
@@ -711,7 +711,7 @@ class Synthesis:
             )
             host.close_segment(ticket, self.result)
 
-    def _decide(
+    async def _decide(
         self, att: Attempts, failure: UpstreamError | None, finish: str | None, now: float
     ) -> Done | Retry:
         """What the attempt machine says after an attempt ended; raises if it gives up."""
@@ -720,8 +720,7 @@ class Synthesis:
             att.finished(finish) if failure is None else att.failed(_failure(failure), now)
         )
         if isinstance(decision, TakeBack):
-            may = self._may_restart
-            decision = att.taken_back(may is None or bool(may()))
+            decision = att.taken_back(await self._taken_back())
         if isinstance(decision, GiveUp):
             if decision.cause is None:
                 raise decision.error
@@ -743,9 +742,16 @@ class Synthesis:
             )
         return decision
 
+    async def _taken_back(self) -> bool:
+        may = self._may_restart
+        if may is None:
+            return True
+        answer = may()
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+
 
 def _body(
-    settings: UpstreamSettings, req: TtsRequest, max_tokens: int | None, target: Target
+    settings: UpstreamSettings, req: SegmentJob, max_tokens: int | None, target: Target
 ) -> dict[str, Any]:
     body = build_body(settings, req, max_tokens=max_tokens)
     limit = target.max_model_len

@@ -53,7 +53,8 @@ def serve_baseline(argv: list[str]) -> int:
     from gateway.core.codec import TokenParser
     from gateway.decoder.engine import decode_utterance
     from gateway.decoder.snac_model import load_snac
-    from gateway.upstream.client import TtsRequest, build_body
+    from gateway.upstream.client import build_body
+    from gateway.vocab import GenParams, SegmentJob
 
     if ns.threads > 0:
         torch.set_num_threads(ns.threads)
@@ -68,7 +69,7 @@ def serve_baseline(argv: list[str]) -> int:
     )
 
     async def frames_of(voice: str, sentence: str) -> AsyncIterator[tuple[int, ...]]:
-        body = build_body(settings, TtsRequest("old", 0, 0, voice, sentence))
+        body = build_body(settings, SegmentJob("old", 0, 0, 0, 0, sentence, GenParams(voice)))
         parser = TokenParser()
         sse = SSEParser()
         async with http.stream("POST", "/v1/completions", json=body) as r:

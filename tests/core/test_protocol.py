@@ -8,13 +8,13 @@ from gateway.core.protocol import (
     CancelWork,
     Outgoing,
     ProtocolOptions,
+    ServerEvent,
     SessionProtocol,
     StartChat,
-    StartSegment,
 )
 from gateway.core.segmenter import SegmenterOptions
 from gateway.errors import ErrorCode, UpstreamError
-from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed
+from gateway.vocab import AudioChunk, SegmentEnd, SegmentFailed, SegmentJob
 
 SEG = SegmenterOptions(min_chars=0, fast_first=False, idle_flush_ms=0)
 
@@ -34,7 +34,7 @@ def send(p: SessionProtocol, **msg) -> None:
 def events(p: SessionProtocol) -> list[dict | bytes]:
     out = []
     for o in p.data_to_send():
-        out.append(o.data if isinstance(o.data, bytes) else orjson.loads(o.data))
+        out.append(o.data if isinstance(o.data, bytes) else {"type": o.data.type, **o.data.fields})
     return out
 
 
@@ -70,7 +70,7 @@ def test_segments_start_as_soon_as_they_are_cut() -> None:
     events(p)
     send(p, type="text.delta", text="Hello there. How are")
     (a,) = p.actions()
-    assert isinstance(a, StartSegment)
+    assert isinstance(a, SegmentJob)
     assert (a.epoch, a.seq, a.turn, a.turn_seq, a.text) == (0, 0, 0, 0, "Hello there.")
     send(p, type="text.delta", text=" you? Fine")
     send(p, type="text.end")
@@ -178,7 +178,11 @@ def test_interrupted_control_frames_survive_but_audio_does_not() -> None:
     send(p, type="interrupt")
     kept = p.data_to_send()
     assert all(isinstance(o, Outgoing) for o in kept)
-    assert [orjson.loads(o.data)["type"] for o in kept] == ["session.ready", "interrupted"]
+    assert [o.data.type for o in kept if isinstance(o.data, ServerEvent)] == [
+        "session.ready",
+        "interrupted",
+    ]
+    assert all(isinstance(o.data, ServerEvent) for o in kept)
 
 
 @pytest.mark.parametrize(
@@ -268,7 +272,7 @@ def play_all(p: SessionProtocol, clock: FakeClock, window: int) -> list[dict | b
     out: list[dict | bytes] = []
     started: list[int] = []
     for _ in range(10_000):
-        started += [a.seq for a in p.actions() if isinstance(a, StartSegment)]
+        started += [a.seq for a in p.actions() if isinstance(a, SegmentJob)]
         if started:
             seq = started.pop(0)
             assert not started or started[-1] - seq < window
@@ -348,7 +352,7 @@ def test_interrupt_drops_held_segments() -> None:
     p.push(SegmentEnd(0, 0, 0))  # stale: ignored
     send(p, type="text.delta", text="Dee.")
     send(p, type="text.end")
-    (a,) = [a for a in p.actions() if isinstance(a, StartSegment)]
+    (a,) = [a for a in p.actions() if isinstance(a, SegmentJob)]
     assert (a.epoch, a.seq, a.text) == (1, 0, "Dee.")
     p.push(SegmentEnd(1, 0, 0))
     assert types(events(p))[-3:] == ["segment.start", "segment.end", "turn.done"]
@@ -564,12 +568,12 @@ def test_a_chat_turn_is_named_by_its_message() -> None:
     send(p, type="text.delta", text="Ay.", id="speak-1")
     send(p, type="chat.message", text="Hello?", id="chat-1")  # ends the open text turn
     (seg, chat) = p.actions()
-    assert isinstance(seg, StartSegment) and isinstance(chat, StartChat)
+    assert isinstance(seg, SegmentJob) and isinstance(chat, StartChat)
     p.llm_delta(chat.epoch, chat.turn, "Hi. ")
     p.llm_done(chat.epoch, chat.turn, UpstreamError("gone", code=ErrorCode.LLM_ERROR))
     acts = p.actions()
     for a in [seg, *acts]:
-        assert isinstance(a, StartSegment)
+        assert isinstance(a, SegmentJob)
         p.push(SegmentEnd(a.epoch, a.seq, 0))
     named = [(e["type"], e.get("turn"), e.get("id")) for e in events(p)]
     assert named == [
@@ -596,3 +600,21 @@ def test_interrupted_names_the_last_turn_by_its_id() -> None:
     send(p, type="text.delta", text="Sea.")  # unnamed: so is its interrupt
     send(p, type="interrupt")
     assert events(p) == [{"type": "interrupted", "turn": 1}]
+
+
+def test_typed_calls_answer_exactly_as_the_messages_do() -> None:
+    by_json, _ = make()
+    typed, _ = make()
+    send(by_json, type="session.update", voice="leo", temperature=0.5)
+    typed.update(voice="leo", temperature=0.5)
+    send(by_json, type="session.update", top_p=9)  # refused the same way
+    typed.update(top_p=9)
+    send(by_json, type="text.delta", text="Hello there. More", id="t1")
+    typed.text_delta("Hello there. More", id="t1")
+    send(by_json, type="text.delta", text="x", id="other")  # another turn's id: refused
+    typed.text_delta("x", id="other")
+    send(by_json, type="text.end")
+    typed.text_end()
+    assert events(typed) == events(by_json)
+    assert typed.actions() == by_json.actions()
+    assert typed.params.voice == "leo"

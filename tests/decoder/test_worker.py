@@ -67,7 +67,7 @@ async def test_stream_yields_every_sample_in_order() -> None:
     engine = FakeEngine()
     worker = await started(engine)
     try:
-        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream = worker.open_stream(session_id="s", epoch=0, seq=0)
         reader = asyncio.create_task(collect(stream))
         fs = frames(23)
         for i in range(0, 23, 3):
@@ -86,7 +86,7 @@ async def test_stream_yields_every_sample_in_order() -> None:
 async def test_empty_segment_ends_without_chunks() -> None:
     worker = await started(FakeEngine())
     try:
-        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream = worker.open_stream(session_id="s", epoch=0, seq=0)
         stream.end()
         assert await collect(stream) == b""
     finally:
@@ -96,7 +96,7 @@ async def test_empty_segment_ends_without_chunks() -> None:
 async def test_push_after_end_is_an_error_and_bad_codes_are_rejected() -> None:
     worker = await started(FakeEngine())
     try:
-        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream = worker.open_stream(session_id="s", epoch=0, seq=0)
         with pytest.raises(DecoderError):
             stream.push([(0, 0, 0, 0, 0, 0, 5000)])
         stream.end()
@@ -114,8 +114,8 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
     worker = await started(engine, max_batch=1)
     try:
         engine.gate.clear()  # the worker will sit in its first decode
-        far = worker.open_stream(session_id="a", turn=0, seq=1, deadline=100.0)
-        head = worker.open_stream(session_id="b", turn=0, seq=0, deadline=5.0)
+        far = worker.open_stream(session_id="a", epoch=0, seq=1, deadline=100.0)
+        head = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=5.0)
         far_reader = asyncio.create_task(collect(far))
         head_reader = asyncio.create_task(collect(head))
         far.push(frames(40, salt=1))
@@ -144,10 +144,10 @@ async def test_one_pass_at_a_time_lets_an_urgent_job_in_between() -> None:
     try:
         engine.gate.clear()  # the worker will sit in its first decode
         fars = [
-            worker.open_stream(session_id=f"f{i}", turn=0, seq=1, deadline=100.0 + i)
+            worker.open_stream(session_id=f"f{i}", epoch=0, seq=1, deadline=100.0 + i)
             for i in range(4)
         ]
-        head = worker.open_stream(session_id="h", turn=0, seq=0, deadline=5.0)
+        head = worker.open_stream(session_id="h", epoch=0, seq=0, deadline=5.0)
         readers = [asyncio.create_task(collect(s)) for s in [*fars, head]]
         for i, f in enumerate(fars):
             f.push(frames(5, salt=10 + i))  # one first chunk each, all the same shape
@@ -176,8 +176,8 @@ async def test_far_ahead_work_waits_briefly_after_urgent_work_on_cpu(hold_ms: fl
     worker = await started(engine, max_batch=16, urgent_hold_ms=hold_ms)
     try:
         now = time.monotonic()
-        head = worker.open_stream(session_id="h", turn=0, seq=0, deadline=now)
-        far = worker.open_stream(session_id="f", turn=0, seq=1, deadline=now + 100.0)
+        head = worker.open_stream(session_id="h", epoch=0, seq=0, deadline=now)
+        far = worker.open_stream(session_id="f", epoch=0, seq=1, deadline=now + 100.0)
         readers = [asyncio.create_task(collect(s)) for s in (head, far)]
         head.push(frames(5, salt=1))  # the head's first chunk: urgent
         await until(lambda: len(engine.batches) == 1)
@@ -202,14 +202,14 @@ async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
     worker = await started(engine, max_batch=1)
     try:
         engine.gate.clear()
-        blocker = worker.open_stream(session_id="z", turn=0, seq=0, deadline=-1.0)
+        blocker = worker.open_stream(session_id="z", epoch=0, seq=0, deadline=-1.0)
         blocker.push(frames(5, salt=3))
         blocker.end()
         await until(engine.entered.is_set)
         # Same deadline: each chunk's own deadline is the stream's plus its offset, so the
         # two sessions alternate by playback time; ties go by session id.
-        a = worker.open_stream(session_id="a", turn=0, seq=0, deadline=10.0)
-        b = worker.open_stream(session_id="b", turn=0, seq=0, deadline=10.0)
+        a = worker.open_stream(session_id="a", epoch=0, seq=0, deadline=10.0)
+        b = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=10.0)
         readers = [asyncio.create_task(collect(s)) for s in (a, b)]
         a.push(frames(17, salt=1))
         b.push(frames(17, salt=2))
@@ -232,7 +232,7 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
     worker = await started(engine, max_batch=1)
     try:
         engine.gate.clear()
-        blocker = worker.open_stream(session_id="z", turn=0, seq=0, deadline=-1.0)
+        blocker = worker.open_stream(session_id="z", epoch=0, seq=0, deadline=-1.0)
         blocker.push(frames(5, salt=3))
         blocker.end()
         await until(engine.entered.is_set)
@@ -241,7 +241,7 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
         def opened(name: str) -> DecodeStream:
             return worker.open_stream(
                 session_id=name,
-                turn=0,
+                epoch=0,
                 seq=0,
                 deadline=lambda: due[name],
                 plan_by_deadline=True,
@@ -271,7 +271,7 @@ async def test_jobs_from_many_sessions_are_batched_by_shape() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=4, max_wait_ms=500.0)
     try:
-        streams = [worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(4)]
+        streams = [worker.open_stream(session_id=f"s{i}", epoch=0, seq=0) for i in range(4)]
         readers = [asyncio.create_task(collect(s)) for s in streams]
         for i, s in enumerate(streams):
             s.push(frames(5, salt=i))  # exactly one first chunk each, same shape
@@ -291,8 +291,8 @@ async def test_a_full_batch_does_not_wait_for_max_wait() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=2, max_wait_ms=10_000.0)
     try:
-        a = worker.open_stream(session_id="a", turn=0, seq=0)
-        b = worker.open_stream(session_id="b", turn=0, seq=0)
+        a = worker.open_stream(session_id="a", epoch=0, seq=0)
+        b = worker.open_stream(session_id="b", epoch=0, seq=0)
         t0 = time.monotonic()
         a.push(frames(5, salt=1))
         b.push(frames(5, salt=2))
@@ -313,11 +313,11 @@ async def test_queue_overflow_fails_fast_and_the_stream_reports_it() -> None:
     worker = await started(engine, max_batch=1, queue_size=2)
     try:
         engine.gate.clear()
-        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        s = worker.open_stream(session_id="s", epoch=0, seq=0)
         s.push(frames(5))  # chunk 0, taken by the worker
         await until(engine.entered.is_set)
         s.push(frames(6)[5:])  # chunk 1 waits in the queue
-        other = worker.open_stream(session_id="t", turn=0, seq=0)
+        other = worker.open_stream(session_id="t", epoch=0, seq=0)
         with pytest.raises(BufferOverflowError, match="decode queue full"):
             other.push(frames(6))  # two more chunks: one too many
         assert worker.stats.rejected_jobs == 2
@@ -334,8 +334,8 @@ async def test_decode_failure_fails_only_the_stream_that_caused_it() -> None:
     engine = FakeEngine(fail=lambda p: p.frames[0][6] == 2)
     worker = await started(engine, max_batch=4, max_wait_ms=200.0)
     try:
-        good = worker.open_stream(session_id="good", turn=0, seq=0)
-        bad = worker.open_stream(session_id="bad", turn=0, seq=0)
+        good = worker.open_stream(session_id="good", epoch=0, seq=0)
+        bad = worker.open_stream(session_id="bad", epoch=0, seq=0)
         good.push(frames(9, salt=1))
         bad.push(frames(9, salt=2))
         good.end()
@@ -353,7 +353,7 @@ async def test_cancel_drops_pending_jobs_and_ends_the_reader() -> None:
     worker = await started(engine, max_batch=1)
     try:
         engine.gate.clear()
-        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        s = worker.open_stream(session_id="s", epoch=0, seq=0)
         reader = asyncio.create_task(collect(s))
         s.push(frames(60))
         await until(engine.entered.is_set)
@@ -385,7 +385,7 @@ async def test_a_crash_of_the_worker_itself_fails_streams_and_readiness_loudly()
 
     worker = await started(Broken())
     try:
-        stream = worker.open_stream(session_id="s", turn=0, seq=0)
+        stream = worker.open_stream(session_id="s", epoch=0, seq=0)
         stream.push(frames(5))
         go.set()
         with pytest.raises(DecoderError, match="decode worker crashed: AttributeError"):
@@ -393,7 +393,7 @@ async def test_a_crash_of_the_worker_itself_fails_streams_and_readiness_loudly()
         health = worker.health()
         assert not health.ready and "scheduling bug" in health.detail
         with pytest.raises(DecoderError):
-            worker.open_stream(session_id="t", turn=0, seq=0)
+            worker.open_stream(session_id="t", epoch=0, seq=0)
     finally:
         await worker.stop()
 
@@ -402,8 +402,8 @@ async def test_stop_fails_unfinished_streams() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=1)
     engine.gate.clear()
-    s = worker.open_stream(session_id="s", turn=0, seq=0)
-    waiting = worker.open_stream(session_id="w", turn=0, seq=0)  # no frames yet
+    s = worker.open_stream(session_id="s", epoch=0, seq=0)
+    waiting = worker.open_stream(session_id="w", epoch=0, seq=0)  # no frames yet
     s.push(frames(30))
     await until(engine.entered.is_set)
     stopping = asyncio.create_task(worker.stop())
@@ -415,7 +415,7 @@ async def test_stop_fails_unfinished_streams() -> None:
             await collect(stream)
     assert not worker.ready and not worker.health().ready
     with pytest.raises(DecoderError):
-        worker.open_stream(session_id="x", turn=0, seq=0)
+        worker.open_stream(session_id="x", epoch=0, seq=0)
 
 
 async def test_warm_up_failure_is_a_start_error_and_readiness_says_why() -> None:
@@ -432,7 +432,7 @@ async def test_stats_report_waits_decode_time_and_utilisation() -> None:
     engine = FakeEngine(delay=0.02)
     worker = await started(engine, max_batch=1)
     try:
-        s = worker.open_stream(session_id="s", turn=0, seq=0)
+        s = worker.open_stream(session_id="s", epoch=0, seq=0)
         s.push(frames(17))
         s.end()
         await collect(s)
@@ -474,7 +474,9 @@ async def test_worker_output_is_exact_and_batching_changes_nothing(
     snac_model: LoadedModel, real_worker: DecodeWorker
 ) -> None:
     segs = [random_frames(n, seed=40 + n) for n in (9, 6)]
-    streams = [real_worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(len(segs))]
+    streams = [
+        real_worker.open_stream(session_id=f"s{i}", epoch=0, seq=0) for i in range(len(segs))
+    ]
     readers = [asyncio.create_task(collect(s)) for s in streams]
     for k in range(max(map(len, segs))):
         for s, fs in zip(streams, segs, strict=True):
@@ -491,7 +493,7 @@ async def test_worker_output_is_exact_and_batching_changes_nothing(
         assert snr_db(decode_utterance(snac_model, fs), got) >= 70.0
         # Batched with another session equals decoding the session alone, up to the
         # 1 LSB that different GEMM kernels for different batch shapes may round apart.
-        alone = real_worker.open_stream(session_id="alone", turn=0, seq=0)
+        alone = real_worker.open_stream(session_id="alone", epoch=0, seq=0)
         alone.push(fs)
         alone.end()
         solo = np.frombuffer(await collect(alone), dtype="<i2").astype(np.int32)
@@ -502,7 +504,7 @@ async def test_worker_output_is_exact_and_batching_changes_nothing(
 async def test_event_loop_stays_responsive_while_the_worker_decodes(
     real_worker: DecodeWorker,
 ) -> None:
-    streams = [real_worker.open_stream(session_id=f"s{i}", turn=0, seq=0) for i in range(3)]
+    streams = [real_worker.open_stream(session_id=f"s{i}", epoch=0, seq=0) for i in range(3)]
     readers = [asyncio.create_task(collect(s)) for s in streams]
     for i, s in enumerate(streams):
         s.push(random_frames(40, seed=i))

@@ -43,8 +43,8 @@ from gateway.core.segmenter import Segmenter, SegmenterOptions
 from gateway.decoder.engine import decode_utterance
 from gateway.decoder.snac_model import LoadedModel
 from gateway.serving import Served
-from gateway.upstream.client import TtsRequest, build_body
-from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME, Frame
+from gateway.upstream.client import build_body
+from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, GenParams, SegmentJob
 from tests.real_vllm.conftest import RealVllm
 from tests.test_faults import Turn, assert_close, gateway, open_session, pcm, ping, send, speak
 
@@ -189,7 +189,7 @@ async def assert_segments_exact(
     bodies = [
         build_body(
             settings.vllm,
-            TtsRequest(session_id="ref", turn=0, seq=i, voice=VOICE, text=t, seed=seed),
+            SegmentJob("ref", 0, i, 0, i, t, GenParams(VOICE, seed=seed)),
         )
         for i, t in enumerate(texts)
     ]
@@ -216,9 +216,7 @@ async def test_seeded_generation_is_reproducible(real_vllm: RealVllm, snac_weigh
     settings = settings_for(
         real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}, "vllm.max_tokens": 140}
     )
-    body = build_body(
-        settings.vllm, TtsRequest(session_id="s", turn=0, seq=0, voice=VOICE, text="Again.")
-    )
+    body = build_body(settings.vllm, SegmentJob("s", 0, 0, 0, 0, "Again.", GenParams(VOICE)))
     assert body["seed"] == SEED and body["stop_token_ids"] == [128258]
     alone = await generated(real_vllm, body)
     batched = await asyncio.gather(*(generated(real_vllm, body) for _ in range(3)))

@@ -12,8 +12,9 @@ from gateway.config import LLMSettings, Settings
 from gateway.errors import GatewayError, UpstreamError
 from gateway.llm import ChatLLM
 from gateway.server.app import Services, ServicesFactory
-from gateway.server.engine import SegmentJob, SegmentSink
+from gateway.server.driver import SegmentSink
 from gateway.server.metrics import Metrics
+from gateway.vocab import SegmentJob
 
 
 def fake_pcm(text: str, index: int, n_bytes: int) -> bytes:
@@ -53,7 +54,7 @@ class FakeSynth:
                 err = self.fail_texts.get(job.text)
                 if err is not None and i >= self.fail_after_chunks:
                     raise err
-                sink.audio(fake_pcm(job.text, i, self.chunk_bytes))
+                await sink.audio(fake_pcm(job.text, i, self.chunk_bytes))
                 await asyncio.sleep(self.chunk_delay_s)
             self.finished.append(job.text)
         except asyncio.CancelledError:

@@ -38,8 +38,8 @@ async def test_chat_reply_streams_text_and_audio_and_is_remembered() -> None:
         assert kinds.index("pcm") < kinds.index("llm.done")
         spoken = [e["text"] for e in events if isinstance(e, dict) and e["type"] == "segment.start"]
         assert " ".join(spoken).split() == reply.split()
-        (engine,) = gw.engines
-        assert engine.protocol.history == (("user", "How do plants grow?"), ("assistant", reply))
+        (driver,) = gw.drivers
+        assert driver.protocol.history == (("user", "How do plants grow?"), ("assistant", reply))
 
 
 async def test_interrupting_a_chat_reply_keeps_only_the_spoken_part() -> None:
@@ -54,10 +54,10 @@ async def test_interrupting_a_chat_reply_keeps_only_the_spoken_part() -> None:
         first = await recv_until(ws, "segment.start")
         await send(ws, type="interrupt")
         await recv_until(ws, "interrupted")
-        (engine,) = gw.engines
-        history = engine.protocol.history
+        (driver,) = gw.drivers
+        history = driver.protocol.history
         assert history[0] == ("user", "Tell me something long")
         assert history[1] == ("assistant", first[-1]["text"])
         assert len(history[1][1]) < len(chat_reply("Tell me something long"))
         await asyncio.sleep(0.1)
-        assert engine.tasks == 0  # the LLM stream was cancelled with the rest
+        assert driver.tasks == 0  # the LLM stream was cancelled with the rest

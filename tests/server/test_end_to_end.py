@@ -95,9 +95,9 @@ async def send_text(ws: Any, text: str, step: int = 6) -> None:
 
 
 async def settled(fake: RunningFake, gw: Any) -> None:
-    """Wait (bounded) until the fake has no open stream and the gateway no engine task."""
+    """Wait (bounded) until the fake has no open stream and the gateway no driver task."""
     for _ in range(100):
-        if fake.fake.stats().active == 0 and not any(e.tasks for e in gw.engines):
+        if fake.fake.stats().active == 0 and not any(d.tasks for d in gw.drivers):
             return
         await asyncio.sleep(0.01)
 
@@ -202,7 +202,7 @@ async def test_disconnect_cancels_the_upstream_streams_within_100ms() -> None:
             active = fake.fake.stats().active
             assert active >= 2
         t0 = time.perf_counter()
-        while gw.engines or gw.services.synth.pool.snapshot().in_flight:
+        while gw.drivers or gw.services.synth.pool.snapshot().in_flight:
             assert time.perf_counter() - t0 < 0.1, "session work outlived its connection"
             await asyncio.sleep(0.005)
         await settled(fake, gw)

@@ -169,7 +169,7 @@ async def test_interrupt_cancels_everything_fast_and_the_session_goes_on() -> No
             await send(ws, type="text.end")
             events = await recv_until(ws, "turn.done")
             assert events[0]["type"] == "segment.start" and events[0]["turn"] == 1
-        assert sum(e.tasks for e in gw.engines) == 0
+        assert sum(d.tasks for d in gw.drivers) == 0
 
 
 async def test_disconnect_cancels_all_work_within_100ms() -> None:
@@ -182,7 +182,7 @@ async def test_disconnect_cancels_all_work_within_100ms() -> None:
         assert synth.active > 0
         await ws.close()
         t0 = time.monotonic()
-        while synth.active or gw.engines:
+        while synth.active or gw.drivers:
             assert time.monotonic() - t0 < 0.1, "work outlived its session"
             await asyncio.sleep(0.005)
         assert gw.sessions.active == 0
@@ -204,7 +204,7 @@ async def test_slow_client_is_closed_and_memory_stays_bounded() -> None:
                 await asyncio.sleep(0.01)
         assert b'voicegw_errors_total{code="slow_client"} 1.0' in gw.metrics.render()
         # The session's work stopped with it: the synthesizer is not still producing.
-        assert synth.active == 0 and not gw.engines
+        assert synth.active == 0 and not gw.drivers
         ws.transport.abort()
         await ws.wait_closed()
 
@@ -314,13 +314,15 @@ async def test_session_limit_closes_with_1013() -> None:
 
 
 async def test_outbox_is_bounded_and_purges_stale_audio() -> None:
-    from gateway.core.protocol import Outgoing
-    from gateway.server.session import Outbox, SlowClientError
+    from gateway.core.protocol import Outgoing, ServerEvent
+    from gateway.server.session import Outbox, SlowClientError, render
 
+    pong = ServerEvent("pong")
     box = Outbox(max_bytes=30)
-    box.put([Outgoing(b"12345", epoch=0), Outgoing('{"type":"pong"}'), Outgoing(b"67", 1)])
+    box.put([Outgoing(b"12345", epoch=0), Outgoing(pong), Outgoing(b"67", 1)])
     box.purge(1)  # an interrupt: epoch-0 audio goes, control frames and newer audio stay
-    assert [o.data for o in [await box.get(), await box.get()]] == ['{"type":"pong"}', b"67"]
+    assert [o.data for o in [await box.get(), await box.get()]] == [pong, b"67"]
+    assert render(pong) == '{"type":"pong"}'  # counted as the bytes the client gets
     box.put([Outgoing(b"x" * 31, epoch=1)])
     with pytest.raises(SlowClientError):
         await box.get()
@@ -601,7 +603,7 @@ async def slow_reader_session(
             while gw.sessions.active:
                 await asyncio.sleep(0.01)
         released = time.monotonic() - t0
-        assert synth.active == 0 and not gw.engines  # the work stopped with the session
+        assert synth.active == 0 and not gw.drivers  # the work stopped with the session
         metrics = gw.metrics.render()
         code = await c.close_code(timeout=10)
         c.abort()

@@ -98,11 +98,11 @@ async def wait_streaming(fake: Any, at_least: int) -> int:
 
 async def assert_released_within(fake: Any, gw: Any, seconds: float, active: int) -> None:
     t0 = time.perf_counter()
-    while fake.fake.stats().active or gw.sessions.active or gw.engines:
+    while fake.fake.stats().active or gw.sessions.active or gw.drivers:
         waited = time.perf_counter() - t0
         assert waited < seconds, (
             f"after {waited:.2f} s: {fake.fake.stats().active} upstream streams, "
-            f"{gw.sessions.active} slots, {len(gw.engines)} engines"
+            f"{gw.sessions.active} slots, {len(gw.drivers)} drivers"
         )
         await asyncio.sleep(0.005)
     assert gw.services.synth.pool.snapshot().in_flight == 0
@@ -175,11 +175,11 @@ async def test_server_shutdown_ends_a_running_speech_request() -> None:
     assert writer is not None
     writer.close()
     for _ in range(50):
-        if not (synth.active or gw.sessions.active or gw.engines):
+        if not (synth.active or gw.sessions.active or gw.drivers):
             break
         await asyncio.sleep(0.01)
     assert synth.active == 0 and synth.cancelled
-    assert gw.sessions.active == 0 and not gw.engines
+    assert gw.sessions.active == 0 and not gw.drivers
 
 
 async def test_a_client_that_stops_reading_holds_back_new_segments_then_is_cut_off() -> None:
@@ -205,7 +205,7 @@ async def test_a_client_that_stops_reading_holds_back_new_segments_then_is_cut_o
         while gw.sessions.active:
             assert time.perf_counter() - t0 < 3.0, "a stalled reader kept its slot"
             await asyncio.sleep(0.02)
-        assert synth.active == 0 and not gw.engines
+        assert synth.active == 0 and not gw.drivers
         assert _sample(gw, 'voicegw_errors_total{code="slow_client"}') == 1
         await asyncio.sleep(0.05)
         logging.getLogger("uvicorn.error").removeHandler(errors)
@@ -375,10 +375,10 @@ async def test_a_request_that_fails_before_any_audio_frees_its_slot() -> None:
             r = await http.post("/v1/audio/speech", json={"input": "Doomed."})
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
         for _ in range(100):
-            if not (gw.sessions.active or gw.engines):
+            if not (gw.sessions.active or gw.drivers):
                 break
             await asyncio.sleep(0.01)
-        assert gw.sessions.active == 0 and not gw.engines and synth.active == 0
+        assert gw.sessions.active == 0 and not gw.drivers and synth.active == 0
 
 
 async def test_more_audio_at_once_than_the_outbound_limit_is_a_503_not_a_traceback() -> None:

@@ -18,7 +18,6 @@ from gateway.errors import ContextLengthError, ErrorCode, UpstreamError
 from gateway.upstream.client import (
     ContextInfo,
     ContextTooLong,
-    TtsRequest,
     UpstreamClient,
     UpstreamHTTPError,
     auth_headers,
@@ -31,10 +30,11 @@ from gateway.upstream.client import (
     status_error,
     stream_error,
 )
+from gateway.vocab import GenParams, SegmentJob
 
 pytestmark = pytest.mark.anyio
 
-REQ = TtsRequest("sess", 0, 0, "tara", "Hello world.")
+REQ = SegmentJob("sess", 0, 0, 0, 0, "Hello world.", GenParams("tara"))
 
 
 def settings(**kw: Any) -> UpstreamSettings:
@@ -139,7 +139,9 @@ def test_body_precedence_extra_body_then_request_then_protocol() -> None:
             "stop_token_ids": [5],
         }
     )
-    req = dataclasses.replace(REQ, top_p=0.5, seed=9, max_tokens=300)
+    req = dataclasses.replace(
+        REQ, params=dataclasses.replace(REQ.params, top_p=0.5, seed=9, max_tokens=300)
+    )
     b = build_body(s, req)
     assert b["top_k"] == 40 and b["min_p"] == 0.05
     assert b["temperature"] == 0.3  # extra_body beats the settings' default

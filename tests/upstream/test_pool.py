@@ -27,10 +27,9 @@ from gateway.upstream import (
     Restart,
     Synthesis,
     SynthEvent,
-    TtsRequest,
     UpstreamPool,
 )
-from gateway.vocab import AudioChunk, Frame
+from gateway.vocab import AudioChunk, Frame, GenParams, SegmentJob
 
 pytestmark = pytest.mark.anyio
 
@@ -42,8 +41,8 @@ def settings(**kw: Any) -> UpstreamSettings:
     return dataclasses.replace(UpstreamSettings(), retry=retry, **kw)
 
 
-def req(seq: int = 0, session: str = "s", text: str = TEXT, **kw: Any) -> TtsRequest:
-    return TtsRequest(session, 0, seq, "tara", text, **kw)
+def req(seq: int = 0, session: str = "s", text: str = TEXT, **kw: Any) -> SegmentJob:
+    return SegmentJob(session, 0, seq, 0, seq, text, GenParams("tara", **kw))
 
 
 def tok(slot: int, code: int) -> str:
