@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from gateway.core.codec import VOICES
+from gateway.core.tokens import VOICES
 from gateway.errors import ConfigError
 
 if TYPE_CHECKING:

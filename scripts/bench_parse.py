@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
 
-from gateway.core.codec import TokenParser
 from gateway.core.sse import SSEParser
+from gateway.core.tokens import TokenParser
 from gateway.devtools.fake_vllm import expected_frames
 
 TOKENS_PER_SECOND_REAL_TIME = 7 * 24_000 / 2048  # 82 tokens make one second of audio

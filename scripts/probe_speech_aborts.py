@@ -32,8 +32,8 @@ from gateway.config import load_settings
 from gateway.devtools.fake_vllm import FakeVLLMOptions
 from gateway.devtools.running import run_fake_vllm
 from gateway.server.app import create_app
+from gateway.server.listener import serve_asgi
 from gateway.server.services import real_services
-from gateway.serving import serve_asgi
 
 TEXT = " ".join(
     f"This is sentence number {i}, long enough to keep the upstream busy for a while."

@@ -35,7 +35,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Settings, load_settings
 from gateway.core.chunker import ChunkPlan, ChunkPolicy
-from gateway.core.codec import build_prompt
+from gateway.core.tokens import build_prompt
 from gateway.decoder.engine import SnacEngine, decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
 from gateway.decoder.worker import DecodeWorker
@@ -48,10 +48,10 @@ from gateway.devtools.fake_vllm import (
     expected_frames,
 )
 from gateway.server.app import Services, ServicesFactory, create_app
+from gateway.server.listener import Served, serve_asgi
 from gateway.server.metrics import Metrics
 from gateway.server.pipeline import Pipeline
 from gateway.server.services import real_services
-from gateway.serving import Served, serve_asgi
 from gateway.upstream.pool import UpstreamPool
 from gateway.vocab import SAMPLES_PER_FRAME, Frame
 

@@ -20,15 +20,15 @@ import pytest
 from websockets.asyncio.client import connect
 
 from gateway.config import Settings, load_settings
-from gateway.core.codec import VOICES
 from gateway.core.segmenter import Segmenter, SegmenterOptions
+from gateway.core.tokens import VOICES
 from gateway.decoder.engine import decode_utterance, snr_db
 from gateway.decoder.snac_model import LoadedModel
 from gateway.devtools.fake_vllm import FakeVLLMOptions, expected_frames
 from gateway.devtools.running import run_fake_vllm
 from gateway.server.app import create_app
+from gateway.server.listener import serve_asgi
 from gateway.server.services import real_services
-from gateway.serving import serve_asgi
 
 pytestmark = pytest.mark.anyio
 

@@ -1,7 +1,7 @@
 """One segment's upstream attempts: retry, restart or give up (sans-I/O).
 
 A segment is spoken by one or more *attempts*, each one streaming completion request on
-one endpoint. The I/O shell (:class:`gateway.upstream.pool.Synthesis`) reports what
+one endpoint. The I/O shell (:class:`gateway.upstream.pool.Generation`) reports what
 happens to the current attempt; :class:`Attempts` says what to do next::
 
     att = Attempts(policy, backoff)

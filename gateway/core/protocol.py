@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 
 import orjson
 
-from gateway.core.codec import VOICES, neutralize_control_tokens, resolve_voice
 from gateway.core.reorder import ReorderBuffer
 from gateway.core.segmenter import Segmenter, SegmenterOptions
+from gateway.core.tokens import VOICES, neutralize_control_tokens, resolve_voice
 from gateway.errors import BufferOverflowError, ErrorCode, GatewayError, ProtocolError
 from gateway.vocab import (
     BYTES_PER_SAMPLE,

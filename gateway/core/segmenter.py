@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.codec import neutralize_control_tokens
+from gateway.core.tokens import neutralize_control_tokens
 from gateway.vocab import TextSegment
 
 # ----------------------------------------------------------------------------------------

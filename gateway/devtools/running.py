@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from gateway.devtools.fake_vllm import FakeVLLM, FakeVLLMOptions, create_fake_vllm_app
-from gateway.serving import QuietServer, bind, wait_started
+from gateway.server.listener import QuietServer, bind, wait_started
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,12 +23,13 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.config import Settings
-from gateway.core.codec import VOICES
 from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, SessionProtocol
 from gateway.core.segmenter import SegmenterOptions
+from gateway.core.tokens import VOICES
 from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
 from gateway.server.driver import SessionDriver, Synthesizer
+from gateway.server.listener import install_log_filters
 from gateway.server.metrics import Metrics
 from gateway.server.security import KeyChecker, OriginPolicy, Principal, SessionLimiter
 from gateway.server.session import (
@@ -38,7 +39,6 @@ from gateway.server.session import (
     run_session,
 )
 from gateway.server.speech import openai_error, speech
-from gateway.serving import install_log_filters
 
 log = logging.getLogger("voicegw.app")
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from gateway.errors import ErrorCode, GatewayError, UpstreamError
 from gateway.server.driver import SegmentSink
-from gateway.upstream.pool import MayRestart, Restart, SynthEvent
+from gateway.upstream.pool import GenerationEvent, MayRestart, Restart
 from gateway.vocab import SegmentJob
 
 FRAMES_PER_CHAR = 0.8
@@ -57,10 +57,10 @@ class Decoder(Protocol):
     ) -> PcmStream: ...
 
 
-class Synthesis(Protocol):
-    """One segment's upstream stream (:class:`gateway.upstream.pool.Synthesis`)."""
+class Generation(Protocol):
+    """One segment's upstream stream (:class:`gateway.upstream.pool.Generation`)."""
 
-    async def __aenter__(self) -> AsyncIterator[SynthEvent]: ...
+    async def __aenter__(self) -> AsyncIterator[GenerationEvent]: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
 
@@ -68,7 +68,7 @@ class Synthesis(Protocol):
 class Upstream(Protocol):
     """What the pipeline uses of the upstream pool."""
 
-    def synthesize(self, job: SegmentJob, *, may_restart: MayRestart | None = None) -> Synthesis:
+    def generate(self, job: SegmentJob, *, may_restart: MayRestart | None = None) -> Generation:
         """Speak one segment: its frames, a :class:`Restart` before each retry."""
 
 
@@ -107,8 +107,8 @@ class Pipeline:
             try:
                 # The context manager closes the HTTP stream and frees the upstream slot
                 # however this block ends (error, cancel), not only when iteration ends.
-                async with self.pool.synthesize(job, may_restart=may_restart) as synthesis:
-                    async for ev in synthesis:
+                async with self.pool.generate(job, may_restart=may_restart) as generation:
+                    async for ev in generation:
                         if isinstance(ev, Restart):
                             await _stop(stream, consumer)
                             # No frames, no question: take back nothing, but still check.

@@ -371,7 +371,7 @@ def _serve(
     import uvicorn
 
     from gateway.server.app import create_app
-    from gateway.serving import server_options
+    from gateway.server.listener import server_options
 
     interval = settings.gateway.decoder.switch_interval_ms
     if interval > 0:
@@ -386,7 +386,7 @@ def _serve(
         port=srv.port,
         loop="uvloop",
         log_level=srv.log_level,
-        # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.serving).
+        # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.server.listener).
         **server_options(settings),
     )
     server = uvicorn.Server(config)

@@ -24,12 +24,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from gateway.core.codec import resolve_voice
+from gateway.core.tokens import resolve_voice
 from gateway.errors import ErrorCode, GatewayError, ProtocolError
 from gateway.server.driver import Drained, SessionDriver
+from gateway.server.listener import cut_off_response
 from gateway.server.security import Principal
 from gateway.server.session import Outbox, SlowClientError
-from gateway.serving import cut_off_response
 from gateway.vocab import SAMPLE_RATE
 
 if TYPE_CHECKING:

@@ -44,8 +44,8 @@ import httpx
 import orjson
 
 from gateway.config import Endpoint, RetrySettings, UpstreamSettings
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.core.sse import SSEParser
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.errors import ContextLengthError, ErrorCode, UpstreamError
 from gateway.vocab import SegmentJob
 

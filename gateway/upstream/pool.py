@@ -1,9 +1,9 @@
 """The TTS upstream pool: admission, routing, retries, ejection, and the per-segment stream.
 
 One :class:`UpstreamPool` serves every session. For each segment the session runner
-calls :meth:`UpstreamPool.synthesize` and iterates the returned :class:`Synthesis`::
+calls :meth:`UpstreamPool.generate` and iterates the returned :class:`Generation`::
 
-    async with pool.synthesize(req, may_restart=lambda: reorder.retract(epoch, seq)) as syn:
+    async with pool.generate(req, may_restart=lambda: reorder.retract(epoch, seq)) as syn:
         async for ev in syn:
             if isinstance(ev, AudioFrames):
                 decode(ev.frames)                  # the next frames, in order
@@ -25,7 +25,7 @@ decisions themselves (retry or not, where, after how long) are :mod:`gateway.cor
 tasks. Leaving the ``async with`` (normally, by error, or by cancellation) closes the
 HTTP stream at once, which makes vLLM abort the request and free its sequence slot, and
 gives back the admission slot. Failures raise :class:`~gateway.errors.UpstreamError`
-subclasses from the iteration; :attr:`Synthesis.result` always holds the figures.
+subclasses from the iteration; :attr:`Generation.result` always holds the figures.
 
 **Retries** (``retry.*``): only transient failures (see :mod:`gateway.upstream.client`),
 with exponential backoff and jitter, never past ``timeout.total`` (measured from the
@@ -66,7 +66,7 @@ from gateway.core.attempts import (
     RetryPolicy,
     TakeBack,
 )
-from gateway.core.codec import ParserStats, TokenParser
+from gateway.core.tokens import ParserStats, TokenParser
 from gateway.errors import ErrorCode, OverloadedError, UpstreamError
 from gateway.upstream.client import (
     ContextTooLong,
@@ -108,7 +108,7 @@ class Restart:
     message: str
 
 
-SynthEvent = AudioFrames | Restart
+GenerationEvent = AudioFrames | Restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +202,7 @@ Tally = Literal["retries", "context_fits"]
 
 
 class SegmentHost(Protocol):
-    """The pool as one segment's :class:`Synthesis` sees it, and all it may do with it."""
+    """The pool as one segment's :class:`Generation` sees it, and all it may do with it."""
 
     @property
     def settings(self) -> UpstreamSettings: ...
@@ -338,12 +338,12 @@ class UpstreamPool:
 
     # ------------------------------------------------------------------ public API
 
-    def synthesize(self, req: SegmentJob, *, may_restart: MayRestart | None = None) -> Synthesis:
+    def generate(self, req: SegmentJob, *, may_restart: MayRestart | None = None) -> Generation:
         """Speak one segment. Nothing happens until the result is iterated."""
-        return Synthesis(self, req, may_restart)
+        return Generation(self, req, may_restart)
 
     # ------------------------------------------------------------------ segment interface
-    # What a Synthesis does with the pool (SegmentHost), and nothing else uses.
+    # What a Generation does with the pool (SegmentHost), and nothing else uses.
 
     def now(self) -> float:
         return self._clock()
@@ -592,8 +592,8 @@ class _Figures:
         )
 
 
-class Synthesis:
-    """One segment's upstream work: an async iterator of :data:`SynthEvent`.
+class Generation:
+    """One segment's upstream work: an async iterator of :data:`GenerationEvent`.
 
     Use it as an async context manager so that the HTTP stream and the admission slot
     are released however the iteration ends.
@@ -603,14 +603,14 @@ class Synthesis:
         self._host = host
         self.request = req
         self._may_restart = may_restart
-        self._gen: AsyncGenerator[SynthEvent, None] | None = None
+        self._gen: AsyncGenerator[GenerationEvent, None] | None = None
         self.result: RequestStats | None = None
         """The figures, set once the segment has finished (any outcome)."""
 
-    def __aiter__(self) -> Synthesis:
+    def __aiter__(self) -> Generation:
         return self
 
-    async def __anext__(self) -> SynthEvent:
+    async def __anext__(self) -> GenerationEvent:
         if self._gen is None:
             self._gen = self._run()
         return await anext(self._gen)
@@ -620,13 +620,13 @@ class Synthesis:
         if gen is not None:
             await gen.aclose()
 
-    async def __aenter__(self) -> Synthesis:
+    async def __aenter__(self) -> Generation:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _run(self) -> AsyncGenerator[SynthEvent, None]:
+    async def _run(self) -> AsyncGenerator[GenerationEvent, None]:
         # One generator holds the whole segment, so that aclose() reaches every
         # ``finally`` below: the HTTP stream, the slot, the figures.
         host = self._host

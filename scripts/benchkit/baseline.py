@@ -50,7 +50,7 @@ def serve_baseline(argv: list[str]) -> int:
     from starlette.routing import Route
 
     from gateway.config import UpstreamSettings
-    from gateway.core.codec import TokenParser
+    from gateway.core.tokens import TokenParser
     from gateway.decoder.engine import decode_utterance
     from gateway.decoder.snac_model import load_snac
     from gateway.upstream.client import build_body

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.clock import FakeClock
-from gateway.core.codec import build_prompt
 from gateway.core.segmenter import Segmenter, SegmenterOptions, speakable
+from gateway.core.tokens import build_prompt
 
 # min_chars=0: every sentence end cuts, which makes the table read as the rules read.
 EVERY_SENTENCE = SegmenterOptions(min_chars=0, fast_first=False)

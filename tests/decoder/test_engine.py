@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gateway.core.chunker import Chunker, ChunkPlan, ChunkPolicy
-from gateway.core.codec import frames_to_levels
+from gateway.core.tokens import frames_to_levels
 from gateway.decoder.engine import (
     SnacEngine,
     decode_utterance,

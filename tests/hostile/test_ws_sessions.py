@@ -17,7 +17,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.core.codec import build_prompt
+from gateway.core.tokens import build_prompt
 from gateway.decoder.snac_model import LoadedModel
 from tests.hostile.clients import OP_CLOSE, RawWebSocket
 from tests.hostile.health import checked, gauge

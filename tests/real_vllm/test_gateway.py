@@ -38,11 +38,11 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 
 from gateway.config import Settings, load_settings
-from gateway.core.codec import TokenParser, build_prompt
 from gateway.core.segmenter import Segmenter, SegmenterOptions
+from gateway.core.tokens import TokenParser, build_prompt
 from gateway.decoder.engine import decode_utterance
 from gateway.decoder.snac_model import LoadedModel
-from gateway.serving import Served
+from gateway.server.listener import Served
 from gateway.upstream.client import build_body
 from gateway.vocab import SAMPLE_RATE, SAMPLES_PER_FRAME, Frame, GenParams, SegmentJob
 from tests.real_vllm.conftest import RealVllm

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from gateway.config import SegmenterSettings
-from gateway.core.codec import build_prompt, neutralize_control_tokens
 from gateway.core.segmenter import Segmenter, SegmenterOptions
+from gateway.core.tokens import build_prompt, neutralize_control_tokens
 from tests.real_vllm.conftest import MODEL_DIR, _ensure_environment
 
 pytestmark = [pytest.mark.real_vllm, pytest.mark.timeout(1500)]

@@ -8,7 +8,7 @@ from typing import Any
 
 from gateway.config import Settings, load_settings
 from gateway.server.app import ServicesFactory, create_app
-from gateway.serving import Served, serve_asgi
+from gateway.server.listener import Served, serve_asgi
 
 
 def make_settings(**overrides: Any) -> Settings:

@@ -26,8 +26,8 @@ from gateway.decoder.snac_model import LoadedModel
 from gateway.devtools.fake_vllm import FakeVLLMOptions, expected_frames
 from gateway.devtools.running import RunningFake, run_fake_vllm
 from gateway.server.app import create_app
+from gateway.server.listener import serve_asgi
 from gateway.server.services import real_services
-from gateway.serving import serve_asgi
 from tests.conftest_snac import snac_weights_dir
 from tests.test_load import MAX_TOKENS, expected_segments, settings_for
 

@@ -14,7 +14,7 @@ from gateway.clock import FakeClock
 from gateway.errors import ErrorCode, UpstreamError
 from gateway.server.driver import Audio, Event, Frames, Retract, SegmentSink
 from gateway.server.pipeline import Pipeline
-from gateway.upstream.pool import AudioFrames, MayRestart, Restart, SynthEvent
+from gateway.upstream.pool import AudioFrames, GenerationEvent, MayRestart, Restart
 from gateway.vocab import Deadline, GenParams, SegmentJob
 
 pytestmark = pytest.mark.anyio
@@ -88,7 +88,7 @@ class FakeDecoder:
 TRANSIENT = UpstreamError("upstream 503", code=ErrorCode.UPSTREAM_ERROR)
 
 
-class FakeSynthesis:
+class FakeGeneration:
     """Attempts as scripted: each a list of frame numbers, then "ok", "fail" (transient:
     asks may_restart when frames were delivered, as the pool does) or "hang"."""
 
@@ -99,13 +99,13 @@ class FakeSynthesis:
         self._may = may_restart
         self.closed = False
 
-    async def __aenter__(self) -> AsyncIterator[SynthEvent]:
+    async def __aenter__(self) -> AsyncIterator[GenerationEvent]:
         return self._run()
 
     async def __aexit__(self, *exc: object) -> None:
         self.closed = True
 
-    async def _run(self) -> AsyncIterator[SynthEvent]:
+    async def _run(self) -> AsyncIterator[GenerationEvent]:
         for frames, end in self._attempts:
             for n in frames:
                 yield AudioFrames((frame(n),))  # type: ignore[arg-type]
@@ -125,12 +125,10 @@ class FakeSynthesis:
 @dataclass
 class FakeUpstream:
     attempts: list[tuple[list[int], str]]
-    made: list[FakeSynthesis] = field(default_factory=list)
+    made: list[FakeGeneration] = field(default_factory=list)
 
-    def synthesize(
-        self, job: SegmentJob, *, may_restart: MayRestart | None = None
-    ) -> FakeSynthesis:
-        s = FakeSynthesis(self.attempts, may_restart)
+    def generate(self, job: SegmentJob, *, may_restart: MayRestart | None = None) -> FakeGeneration:
+        s = FakeGeneration(self.attempts, may_restart)
         self.made.append(s)
         return s
 

@@ -343,8 +343,8 @@ async def test_a_turn_of_300_short_sentences_ends_and_the_next_turn_plays() -> N
     from gateway.devtools.fake_vllm import FakeVLLMOptions
     from gateway.devtools.running import run_fake_vllm
     from gateway.server.app import create_app
+    from gateway.server.listener import serve_asgi
     from gateway.server.services import real_services
-    from gateway.serving import serve_asgi
     from tests.conftest_snac import snac_weights_dir
     from tests.decoder.fakes import FakeEngine
     from tests.test_load import settings_for

@@ -23,12 +23,12 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from gateway.core.codec import VOICES
+from gateway.core.tokens import VOICES
 from gateway.devtools.fake_vllm import FakeVLLMOptions
 from gateway.errors import ErrorCode, UpstreamError
 from gateway.server.app import create_app
+from gateway.server.listener import serve_asgi
 from gateway.server.speech import BadRequestError, parse_speech
-from gateway.serving import serve_asgi
 from tests.server.conftest import make_settings, running_gateway
 from tests.server.fakes import FakeSynth, expected_pcm, fake_services
 from tests.server.test_end_to_end import FPC, PARAGRAPH, gateway

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from gateway.config import Endpoint, RetrySettings, TimeoutSettings, UpstreamSettings
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, build_prompt
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.errors import ContextLengthError, ErrorCode, UpstreamError
 from gateway.upstream.client import (
     ContextInfo,

@@ -23,10 +23,10 @@ from gateway.devtools.running import run_fake_vllm
 from gateway.errors import ContextLengthError, ErrorCode, OverloadedError, UpstreamError
 from gateway.upstream import (
     AudioFrames,
+    Generation,
+    GenerationEvent,
     RequestStats,
     Restart,
-    Synthesis,
-    SynthEvent,
     UpstreamPool,
 )
 from gateway.vocab import AudioChunk, Frame, GenParams, SegmentJob
@@ -169,12 +169,12 @@ def make_pool(
     return pool, clock, sleeper
 
 
-async def collect(syn: Synthesis) -> tuple[list[Frame], list[SynthEvent]]:
+async def collect(gen: Generation) -> tuple[list[Frame], list[GenerationEvent]]:
     """Frames of the final attempt, and every event."""
     frames: list[Frame] = []
-    events: list[SynthEvent] = []
-    async with syn:
-        async for ev in syn:
+    events: list[GenerationEvent] = []
+    async with gen:
+        async for ev in gen:
             events.append(ev)
             if isinstance(ev, Restart):
                 frames.clear()
@@ -183,7 +183,7 @@ async def collect(syn: Synthesis) -> tuple[list[Frame], list[SynthEvent]]:
     return frames, events
 
 
-def per_attempt(events: Sequence[SynthEvent]) -> list[list[Frame]]:
+def per_attempt(events: Sequence[GenerationEvent]) -> list[list[Frame]]:
     """The frames each attempt handed out: a Restart closes one attempt, opens the next."""
     attempts: list[list[Frame]] = [[]]
     for ev in events:
@@ -210,15 +210,15 @@ async def test_frames_are_handed_out_while_the_model_is_still_generating() -> No
     gate = asyncio.Event()
     up = Upstream(stream_response([event(frame_text(0)), gate, *good_stream(1)]))
     pool, _, _ = make_pool(up)
-    async with pool, pool.synthesize(req()) as syn:
-        first = await anext(syn)
+    async with pool, pool.generate(req()) as gen:
+        first = await anext(gen)
         assert first == AudioFrames((frame(0),))
         assert not up.bodies[0].closed  # the stream is still open: nothing was buffered
         gate.set()
-        rest = [ev async for ev in syn]
+        rest = [ev async for ev in gen]
     assert rest == [AudioFrames((frame(0),))]
-    assert syn.result is not None and syn.result.outcome == "ok" and syn.result.frames == 2
-    assert syn.result.ttft_s is not None and syn.result.first_audio_s is not None
+    assert gen.result is not None and gen.result.outcome == "ok" and gen.result.frames == 2
+    assert gen.result.ttft_s is not None and gen.result.first_audio_s is not None
 
 
 async def test_transient_failures_are_retried_with_backoff() -> None:
@@ -230,7 +230,7 @@ async def test_transient_failures_are_retried_with_backoff() -> None:
     )
     pool, _, sleeper = make_pool(up)
     async with pool:
-        frames, events = await collect(pool.synthesize(req()))
+        frames, events = await collect(pool.generate(req()))
     assert frames == [frame(0), frame(1)]
     restarts = [e for e in events if isinstance(e, Restart)]
     # Four attempts; the third handed out two frames before its stream dropped, which the
@@ -248,7 +248,7 @@ async def test_retry_after_is_honoured_up_to_max_wait() -> None:
     up = Upstream(error_response(429, headers={"Retry-After": "0.7"}))
     pool, _, sleeper = make_pool(up)
     async with pool:
-        await collect(pool.synthesize(req()))
+        await collect(pool.generate(req()))
     assert sleeper.delays[0] >= 0.7
 
 
@@ -269,11 +269,11 @@ async def test_permanent_failures_are_not_retried(reply: httpx.Response, code: E
     pool, _, sleeper = make_pool(up)
     async with pool:
         with pytest.raises(UpstreamError) as exc:
-            await collect(syn := pool.synthesize(req()))
+            await collect(gen := pool.generate(req()))
     assert exc.value.code is code and not exc.value.transient
     assert len(up.requests) == 1 and sleeper.delays == []
-    assert syn.result is not None and syn.result.outcome == "error"
-    assert syn.result.error_code == code.value
+    assert gen.result is not None and gen.result.outcome == "error"
+    assert gen.result.error_code == code.value
     assert pool.snapshot().errors == {code.value: 1}
 
 
@@ -282,7 +282,7 @@ async def test_vllm_message_is_passed_on() -> None:
     pool, _, _ = make_pool(up)
     async with pool:
         with pytest.raises(UpstreamError, match=r"top_p must be in \(0, 1\], got 7"):
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
 
 
 async def test_retries_run_out() -> None:
@@ -291,24 +291,24 @@ async def test_retries_run_out() -> None:
     pool, _, _ = make_pool(up, s)
     async with pool:
         with pytest.raises(UpstreamError) as exc:
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
     assert exc.value.transient and len(up.requests) == 3
     up2 = Upstream(default=error_response(503))
     pool2, _, _ = make_pool(up2, settings(retry=RetrySettings(enabled=False)))
     async with pool2:
         with pytest.raises(UpstreamError):
-            await collect(pool2.synthesize(req()))
+            await collect(pool2.generate(req()))
     assert len(up2.requests) == 1
 
 
 def decode_into(
-    reorder: ReorderBuffer, seq: int, events: list[SynthEvent]
-) -> Callable[[SynthEvent], None]:
+    reorder: ReorderBuffer, seq: int, events: list[GenerationEvent]
+) -> Callable[[GenerationEvent], None]:
     """Stand-in for the decoder and the session: each frame becomes one chunk of audio in
     the reorder buffer, the one authority on what has been released to the client."""
     chunks = 0
 
-    def on_event(ev: SynthEvent) -> None:
+    def on_event(ev: GenerationEvent) -> None:
         nonlocal chunks
         events.append(ev)
         if isinstance(ev, Restart):
@@ -326,17 +326,17 @@ async def test_no_retry_once_audio_reached_the_client() -> None:
     refuses to retract it, and the dropped stream fails the segment instead of a retry."""
     up = Upstream(stream_response([event(frame_text(0)), event(frame_text(1))]))  # drops
     reorder = ReorderBuffer()
-    events: list[SynthEvent] = []
+    events: list[GenerationEvent] = []
     on_event = decode_into(reorder, 0, events)
     pool, _, sleeper = make_pool(up)
-    async with pool, pool.synthesize(req(0), may_restart=lambda: reorder.retract(0, 0)) as syn:
+    async with pool, pool.generate(req(0), may_restart=lambda: reorder.retract(0, 0)) as gen:
         with pytest.raises(UpstreamError) as exc:
-            async for ev in syn:
+            async for ev in gen:
                 on_event(ev)
     assert exc.value.transient and len(up.requests) == 1 and sleeper.delays == []
     assert not any(isinstance(e, Restart) for e in events)
     assert [c.index for c in reorder.take() if isinstance(c, AudioChunk)] == [0, 1]
-    assert syn.result is not None and syn.result.frames == 2 and syn.result.outcome == "error"
+    assert gen.result is not None and gen.result.frames == 2 and gen.result.outcome == "error"
     assert pool.snapshot().retries == 0
 
 
@@ -348,17 +348,17 @@ async def test_held_audio_is_taken_back_and_the_retry_starts_over() -> None:
         stream_response(good_stream(3)),
     )
     reorder = ReorderBuffer()
-    events: list[SynthEvent] = []
+    events: list[GenerationEvent] = []
     on_event = decode_into(reorder, 1, events)
     pool, _, _ = make_pool(up)
-    async with pool, pool.synthesize(req(1), may_restart=lambda: reorder.retract(0, 1)) as syn:
-        async for ev in syn:
+    async with pool, pool.generate(req(1), may_restart=lambda: reorder.retract(0, 1)) as gen:
+        async for ev in gen:
             if isinstance(ev, Restart):
                 assert reorder.buffered_bytes == 0  # taken back before the restart
             on_event(ev)
     assert len(up.requests) == 2 and reorder.buffered_bytes == 3 * 2
     assert per_attempt(events) == [[frame(0), frame(1)], [frame(0), frame(1), frame(2)]]
-    assert syn.result is not None and syn.result.outcome == "ok" and syn.result.attempts == 2
+    assert gen.result is not None and gen.result.outcome == "ok" and gen.result.attempts == 2
 
 
 async def test_may_restart_is_asked_before_retrying_an_attempt_with_frames() -> None:
@@ -372,11 +372,11 @@ async def test_may_restart_is_asked_before_retrying_an_attempt_with_frames() -> 
     pool, _, _ = make_pool(up)
     async with pool:
         with pytest.raises(UpstreamError):
-            await collect(pool.synthesize(req(), may_restart=no))
+            await collect(pool.generate(req(), may_restart=no))
         assert asked == [1]
         # Without frames there is nothing to take back: no question, just the retry.
         up.replies = [error_response(503), stream_response(good_stream(1))]
-        frames, _ = await collect(pool.synthesize(req(1), may_restart=no))
+        frames, _ = await collect(pool.generate(req(1), may_restart=no))
     assert frames == [frame(0)] and asked == [1]
 
 
@@ -393,16 +393,16 @@ async def test_legacy_context_error_fits_max_tokens_once() -> None:
     up = Upstream(httpx.Response(400, json=legacy), stream_response(good_stream(1)))
     pool, _, sleeper = make_pool(up)
     async with pool:
-        frames, events = await collect(syn := pool.synthesize(req()))
+        frames, events = await collect(gen := pool.generate(req()))
         assert [b["max_tokens"] for b in up.bodies_sent()] == [1200, 296]
         assert frames == [frame(0)] and sleeper.delays == []
         assert isinstance(events[0], Restart) and events[0].code == "context_length"
-        assert syn.result is not None and syn.result.context_fitted
-        assert syn.result.max_tokens == 296 and pool.snapshot().context_fits == 1
+        assert gen.result is not None and gen.result.context_fitted
+        assert gen.result.max_tokens == 296 and pool.snapshot().context_fits == 1
         # Still too long after fitting: a clear permanent error.
         up.replies = [httpx.Response(400, json=legacy), httpx.Response(400, json=legacy)]
         with pytest.raises(ContextLengthError, match="still too long after lowering max_tokens"):
-            await collect(pool.synthesize(req(1)))
+            await collect(pool.generate(req(1)))
 
 
 async def test_max_tokens_over_max_model_len_is_capped_or_fitted() -> None:
@@ -421,23 +421,23 @@ async def test_max_tokens_over_max_model_len_is_capped_or_fitted() -> None:
     up = Upstream(stream_response(good_stream(1)))
     pool, _, _ = make_pool(up, settings(max_tokens=5000))
     async with pool:
-        frames, events = await collect(syn := pool.synthesize(req()))
+        frames, events = await collect(gen := pool.generate(req()))
         # Below the cap the request's own max_tokens is kept.
-        await collect(pool.synthesize(req(1, max_tokens=300)))
+        await collect(pool.generate(req(1, max_tokens=300)))
     assert [b["max_tokens"] for b in up.bodies_sent()] == [4096, 300]
     assert frames == [frame(0)] and not any(isinstance(e, Restart) for e in events)
-    assert syn.result is not None and syn.result.max_tokens == 4096
-    assert not syn.result.context_fitted
+    assert gen.result is not None and gen.result.max_tokens == 4096
+    assert not gen.result.context_fitted
 
     up = Upstream(httpx.Response(400, json=over), stream_response(good_stream(1)))
     up.max_model_len = None
     pool, _, sleeper = make_pool(up, settings(max_tokens=5000))
     async with pool:
-        frames, events = await collect(syn := pool.synthesize(req()))
+        frames, events = await collect(gen := pool.generate(req()))
         assert [b["max_tokens"] for b in up.bodies_sent()] == [5000, 4096]
         assert frames == [frame(0)] and sleeper.delays == []
         assert isinstance(events[0], Restart) and events[0].code == "context_length"
-        assert syn.result is not None and syn.result.context_fitted
+        assert gen.result is not None and gen.result.context_fitted
         assert pool.snapshot().context_fits == 1 and pool.snapshot().retries == 0
 
 
@@ -455,7 +455,7 @@ async def test_prompt_alone_too_long_fails_at_once() -> None:
     pool, _, _ = make_pool(up)
     async with pool:
         with pytest.raises(ContextLengthError, match="the prompt alone does not fit") as exc:
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
     assert exc.value.code is ErrorCode.CONTEXT_LENGTH and len(up.requests) == 1
 
 
@@ -465,11 +465,11 @@ async def test_truncation_is_counted_and_reported(caplog: pytest.LogCaptureFixtu
     seen: list[RequestStats] = []
     pool, _, _ = make_pool(up, on_request_done=seen.append)
     async with pool:
-        frames, _ = await collect(syn := pool.synthesize(req()))
+        frames, _ = await collect(gen := pool.generate(req()))
     assert len(frames) == 2
-    assert syn.result is not None and syn.result.outcome == "truncated"
-    assert syn.result.finish_reason == "length"
-    assert pool.snapshot().truncated == 1 and seen == [syn.result]
+    assert gen.result is not None and gen.result.outcome == "truncated"
+    assert gen.result.finish_reason == "length"
+    assert pool.snapshot().truncated == 1 and seen == [gen.result]
     # A client's small max_tokens is counted, not a warning per segment: one session could
     # otherwise flood the log (a line per segment, hundreds a minute).
     assert any("truncated" in r.message for r in caplog.records if r.levelno == logging.DEBUG)
@@ -481,7 +481,7 @@ async def test_a_stream_without_audio_is_an_error() -> None:
     pool, _, _ = make_pool(up)
     async with pool:
         with pytest.raises(UpstreamError) as exc:
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
     assert exc.value.code is ErrorCode.NO_AUDIO
 
 
@@ -491,7 +491,7 @@ async def test_hook_failures_do_not_break_the_pool() -> None:
 
     pool, _, _ = make_pool(Upstream(), on_request_done=bad_hook)
     async with pool:
-        frames, _ = await collect(pool.synthesize(req()))
+        frames, _ = await collect(pool.generate(req()))
     assert len(frames) == 3
 
 
@@ -499,17 +499,17 @@ async def test_overloaded_fails_fast_and_recovers() -> None:
     gate = asyncio.Event()
     up = Upstream(stream_response([event(frame_text(0)), gate, *good_stream(0)]))
     pool, _, _ = make_pool(up, settings(max_concurrent_requests=1, request_queue_size=0))
-    async with pool, pool.synthesize(req(0, "a")) as first:
+    async with pool, pool.generate(req(0, "a")) as first:
         await anext(first)  # holds the only slot
         t0 = time.perf_counter()
         with pytest.raises(OverloadedError) as exc:
-            await collect(syn := pool.synthesize(req(0, "b")))
+            await collect(gen := pool.generate(req(0, "b")))
         assert time.perf_counter() - t0 < 0.1
         assert exc.value.code is ErrorCode.OVERLOADED
-        assert syn.result is not None and syn.result.error_code == "overloaded"
+        assert gen.result is not None and gen.result.error_code == "overloaded"
         gate.set()
         assert [ev async for ev in first] == []  # the rest of the stream ends it
-        frames, _ = await collect(pool.synthesize(req(0, "c")))
+        frames, _ = await collect(pool.generate(req(0, "c")))
     assert len(frames) == 3
     assert pool.snapshot().overloaded == 1 and pool.snapshot().in_flight == 0
 
@@ -524,12 +524,12 @@ async def test_queue_serves_earliest_segment_and_is_fair_across_sessions() -> No
 
     up = Upstream(stream_response([event(frame_text(0)), gate, *good_stream(0)]), default=reply)
     pool, _, _ = make_pool(up, settings(max_concurrent_requests=1, request_queue_size=10))
-    async with pool, pool.synthesize(req(0, "x", text="X0")) as blocker:
+    async with pool, pool.generate(req(0, "x", text="X0")) as blocker:
         await anext(blocker)
         tasks = []
         for session, seq in [("a", 2), ("a", 1), ("a", 0), ("b", 0), ("b", 1), ("c", 0)]:
-            syn = pool.synthesize(req(seq, session, text=f"{session}{seq}"))
-            tasks.append(asyncio.create_task(collect(syn)))
+            gen = pool.generate(req(seq, session, text=f"{session}{seq}"))
+            tasks.append(asyncio.create_task(collect(gen)))
             await asyncio.sleep(0)
         await until(lambda: pool.snapshot().waiting == 6)
         gate.set()
@@ -546,14 +546,14 @@ async def test_cancelling_a_streaming_segment_closes_the_stream_and_frees_the_sl
     pool, _, _ = make_pool(up, settings(max_concurrent_requests=1, request_queue_size=0))
     got_frames = asyncio.Event()
 
-    async def consume(syn: Synthesis) -> None:
-        async with syn:
-            async for _ in syn:
+    async def consume(gen: Generation) -> None:
+        async with gen:
+            async for _ in gen:
                 got_frames.set()
 
     async with pool:
-        syn = pool.synthesize(req())
-        task = asyncio.create_task(consume(syn))
+        gen = pool.generate(req())
+        task = asyncio.create_task(consume(gen))
         await got_frames.wait()
         assert pool.snapshot().in_flight == 1
         task.cancel()
@@ -562,10 +562,10 @@ async def test_cancelling_a_streaming_segment_closes_the_stream_and_frees_the_sl
         assert up.bodies[0].closed
         snap = pool.snapshot()
         assert snap.in_flight == 0 and snap.waiting == 0 and snap.cancelled == 1
-        assert syn.result is not None and syn.result.outcome == "cancelled"
+        assert gen.result is not None and gen.result.outcome == "cancelled"
         # The slot is really free: the next segment gets it without overload.
         up.default = stream_response(good_stream(1))
-        frames, _ = await collect(pool.synthesize(req(1)))
+        frames, _ = await collect(pool.generate(req(1)))
         assert len(frames) == 1
 
 
@@ -573,16 +573,16 @@ async def test_cancelling_a_waiting_segment_gives_back_its_queue_place() -> None
     gate = asyncio.Event()
     up = Upstream(stream_response([event(frame_text(0)), gate, *good_stream(0)]))
     pool, _, _ = make_pool(up, settings(max_concurrent_requests=1, request_queue_size=1))
-    async with pool, pool.synthesize(req(0, "a")) as first:
+    async with pool, pool.generate(req(0, "a")) as first:
         await anext(first)
-        waiting = asyncio.create_task(collect(pool.synthesize(req(0, "b"))))
+        waiting = asyncio.create_task(collect(pool.generate(req(0, "b"))))
         await until(lambda: pool.snapshot().waiting == 1)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert pool.snapshot().waiting == 0
         # Its place is free again: another segment may queue.
-        again = asyncio.create_task(collect(pool.synthesize(req(0, "c"))))
+        again = asyncio.create_task(collect(pool.generate(req(0, "c"))))
         await until(lambda: pool.snapshot().waiting == 1)
         gate.set()
         async for _ in first:
@@ -598,11 +598,11 @@ async def test_leaving_early_releases_everything() -> None:
     up = Upstream(stream_response([event(frame_text(0)), gate]))
     pool, _, _ = make_pool(up)
     async with pool:
-        async with pool.synthesize(req()) as syn:
-            async for _ in syn:
+        async with pool.generate(req()) as gen:
+            async for _ in gen:
                 break
         assert up.bodies[0].closed and pool.snapshot().in_flight == 0
-        assert syn.result is not None and syn.result.outcome == "cancelled"
+        assert gen.result is not None and gen.result.outcome == "cancelled"
 
 
 async def test_the_total_deadline_bounds_retries() -> None:
@@ -614,7 +614,7 @@ async def test_the_total_deadline_bounds_retries() -> None:
     pool, _, sleeper = make_pool(up, s)
     async with pool:
         with pytest.raises(UpstreamError):
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
     # A 200-400 ms backoff cannot fit in a 100 ms budget: no retry at all.
     assert len(up.requests) == 1 and sleeper.delays == []
 
@@ -627,18 +627,18 @@ async def test_least_loaded_routing_spreads_work() -> None:
     up = Upstream(*(stream_response([event(frame_text(0)), g, *good_stream(0)]) for g in gates))
     pool, _, _ = make_pool(up, settings(endpoints=TWO, max_concurrent_requests=2))
     async with pool:
-        syns = [pool.synthesize(req(i, f"s{i}")) for i in range(4)]
-        for syn in syns:
-            await syn.__aenter__()
-            await anext(syn)
+        syns = [pool.generate(req(i, f"s{i}")) for i in range(4)]
+        for gen in syns:
+            await gen.__aenter__()
+            await anext(gen)
         hosts = sorted(r.url.host for r in up.requests)
         assert hosts == ["a", "a", "b", "b"]
         for g in gates:
             g.set()
-        for syn in syns:
-            async for _ in syn:
+        for gen in syns:
+            async for _ in gen:
                 pass
-            await syn.__aexit__(None, None, None)
+            await gen.__aexit__(None, None, None)
 
 
 async def test_failing_endpoint_is_ejected_then_probed_back() -> None:
@@ -654,7 +654,7 @@ async def test_failing_endpoint_is_ejected_then_probed_back() -> None:
     pool, clock, _ = make_pool(up, s)
     async with pool:
         for i in range(8):
-            frames, _ = await collect(pool.synthesize(req(i)))
+            frames, _ = await collect(pool.generate(req(i)))
             assert len(frames) == 1
         a, b = pool.snapshot().endpoints
         assert not a.available and a.ejections == 1 and b.available
@@ -673,7 +673,7 @@ async def test_failing_endpoint_is_ejected_then_probed_back() -> None:
         assert pool.snapshot().endpoints[0].available
         before = sum(r.url.host == "a" for r in up.requests)
         for i in range(4):
-            await collect(pool.synthesize(req(100 + i)))
+            await collect(pool.generate(req(100 + i)))
         assert sum(r.url.host == "a" for r in up.requests) > before
 
 
@@ -684,7 +684,7 @@ async def test_start_ejects_an_unreachable_endpoint() -> None:
     async with pool:
         a, b = pool.snapshot().endpoints
         assert not a.available and b.available and b.max_model_len == 4096
-        await collect(pool.synthesize(req()))
+        await collect(pool.generate(req()))
     assert [r.url.host for r in up.requests] == ["b"]
 
 
@@ -693,9 +693,9 @@ async def test_aclose_fails_waiting_segments() -> None:
     up = Upstream(stream_response([event(frame_text(0)), gate]))
     pool, _, _ = make_pool(up, settings(max_concurrent_requests=1, request_queue_size=5))
     await pool.start()
-    first = pool.synthesize(req(0, "a"))
+    first = pool.generate(req(0, "a"))
     await anext(first)
-    waiting = asyncio.create_task(collect(pool.synthesize(req(0, "b"))))
+    waiting = asyncio.create_task(collect(pool.generate(req(0, "b"))))
     await until(lambda: pool.snapshot().waiting == 1)
     await first.aclose()
     # The waiter got the slot, or, if it had not, fails on close; either way it ends.
@@ -727,7 +727,7 @@ async def test_live_exact_audio_through_the_pool() -> None:
     opts = dataclasses.replace(FAST, fragment_writes=True, multi_token_rate=0.3)
     async with run_fake_vllm(opts) as fake, live_pool(live_settings(fake)) as pool:
         results = await asyncio.gather(
-            *(collect(pool.synthesize(req(i, text=f"{TEXT} number {i}"))) for i in range(6))
+            *(collect(pool.generate(req(i, text=f"{TEXT} number {i}"))) for i in range(6))
         )
         for i, (frames, _) in enumerate(results):
             assert frames == expected_frames("tara", f"{TEXT} number {i}")
@@ -739,7 +739,7 @@ async def test_live_exact_audio_through_the_pool() -> None:
 async def test_live_finished_streams_keep_their_connection_alive() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         for i in range(5):
-            frames, _ = await collect(pool.synthesize(req(i)))
+            frames, _ = await collect(pool.generate(req(i)))
             assert frames
         # The start-up probe and five segments, all on one keep-alive connection.
         assert fake.fake.stats().client_addresses == 1
@@ -748,10 +748,10 @@ async def test_live_finished_streams_keep_their_connection_alive() -> None:
 async def test_live_retries_after_503_and_a_dropped_stream() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         fake.fake.push_fault(Fault("http_error", status=503), Fault("disconnect", after_tokens=20))
-        frames, events = await collect(syn := pool.synthesize(req()))
+        frames, events = await collect(gen := pool.generate(req()))
         assert frames == expected_frames("tara", TEXT)
         assert [type(e).__name__ for e in events if isinstance(e, Restart)] == ["Restart"] * 2
-        assert syn.result is not None and syn.result.attempts == 3
+        assert gen.result is not None and gen.result.attempts == 3
         assert fake.fake.stats().completions == 3
 
 
@@ -759,12 +759,12 @@ async def test_live_stall_times_out_and_the_retry_succeeds() -> None:
     s_kw = {"timeout": TimeoutSettings(idle=300, first_token=3000)}
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake, **s_kw)) as pool:
         fake.fake.push_fault(Fault("stall", after_tokens=21, seconds=60))
-        frames, events = await collect(syn := pool.synthesize(req()))
+        frames, events = await collect(gen := pool.generate(req()))
         assert frames == expected_frames("tara", TEXT)
         restart = next(e for e in events if isinstance(e, Restart))
         assert restart.code == "upstream_timeout"
         assert [len(frames) for frames in per_attempt(events)] == [3, len(frames)]
-        assert syn.result is not None and syn.result.attempts == 2
+        assert gen.result is not None and gen.result.attempts == 2
         # Closing the stalled stream reached the server: it aborted that request.
         await until(lambda: fake.fake.stats().cancelled == 1)
 
@@ -774,7 +774,7 @@ async def test_live_slow_first_token_times_out_and_the_retry_succeeds() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake, **s_kw)) as pool:
         fake.fake.push_fault(Fault("slow_first_token", seconds=5))
         t0 = time.perf_counter()
-        frames, events = await collect(pool.synthesize(req()))
+        frames, events = await collect(pool.generate(req()))
         assert time.perf_counter() - t0 < 2
         assert frames == expected_frames("tara", TEXT)
         assert any(isinstance(e, Restart) and "first token" in e.message for e in events)
@@ -783,32 +783,32 @@ async def test_live_slow_first_token_times_out_and_the_retry_succeeds() -> None:
 async def test_live_context_fitting_legacy_and_truncation_modern() -> None:
     legacy = dataclasses.replace(FAST, max_model_len=200, legacy_context_errors=True)
     async with run_fake_vllm(legacy) as fake, live_pool(live_settings(fake)) as pool:
-        frames, _ = await collect(syn := pool.synthesize(req(text="word " * 60)))
-        assert syn.result is not None and syn.result.context_fitted
-        assert syn.result.outcome == "ok" or syn.result.outcome == "truncated"
-        assert len(frames) == len(expected_frames("tara", "word " * 60, syn.result.max_tokens))
+        frames, _ = await collect(gen := pool.generate(req(text="word " * 60)))
+        assert gen.result is not None and gen.result.context_fitted
+        assert gen.result.outcome == "ok" or gen.result.outcome == "truncated"
+        assert len(frames) == len(expected_frames("tara", "word " * 60, gen.result.max_tokens))
         with pytest.raises(ContextLengthError):
-            await collect(pool.synthesize(req(1, text="word " * 300)))
+            await collect(pool.generate(req(1, text="word " * 300)))
     modern = dataclasses.replace(FAST, max_model_len=200)
     async with run_fake_vllm(modern) as fake, live_pool(live_settings(fake)) as pool:
-        frames, _ = await collect(syn := pool.synthesize(req(text="word " * 60)))
-        assert syn.result is not None and syn.result.outcome == "truncated"
-        assert syn.result.finish_reason == "length" and not syn.result.context_fitted
+        frames, _ = await collect(gen := pool.generate(req(text="word " * 60)))
+        assert gen.result is not None and gen.result.outcome == "truncated"
+        assert gen.result.finish_reason == "length" and not gen.result.context_fitted
         assert pool.snapshot().truncated == 1
         with pytest.raises(ContextLengthError):
-            await collect(pool.synthesize(req(1, text="word " * 300)))
+            await collect(pool.generate(req(1, text="word " * 300)))
 
 
 async def test_live_overloaded_fails_fast() -> None:
     slow = dataclasses.replace(FAST, tokens_per_second=200)
     s_kw = {"max_concurrent_requests": 1, "request_queue_size": 1}
     async with run_fake_vllm(slow) as fake, live_pool(live_settings(fake, **s_kw)) as pool:
-        running = asyncio.create_task(collect(pool.synthesize(req(0, "a", text="Hello there."))))
-        queued = asyncio.create_task(collect(pool.synthesize(req(0, "b", text="Hello there."))))
+        running = asyncio.create_task(collect(pool.generate(req(0, "a", text="Hello there."))))
+        queued = asyncio.create_task(collect(pool.generate(req(0, "b", text="Hello there."))))
         await until(lambda: pool.snapshot().waiting == 1)
         t0 = time.perf_counter()
         with pytest.raises(OverloadedError):
-            await collect(pool.synthesize(req(0, "c")))
+            await collect(pool.generate(req(0, "c")))
         assert time.perf_counter() - t0 < 0.05
         for t in (running, queued):
             frames, _ = await t
@@ -827,7 +827,7 @@ async def test_live_routing_around_a_failing_replica() -> None:
         pool = live_pool(live_settings(broken, good, **s_kw), clock=clock)
         async with pool:
             results = await asyncio.gather(
-                *(collect(pool.synthesize(req(i, f"s{i}", text=f"seg {i}"))) for i in range(12))
+                *(collect(pool.generate(req(i, f"s{i}", text=f"seg {i}"))) for i in range(12))
             )
             for i, (frames, _) in enumerate(results):
                 assert frames == expected_frames("tara", f"seg {i}")
@@ -840,7 +840,7 @@ async def test_live_routing_around_a_failing_replica() -> None:
             clock.advance(UpstreamSettings().eject_cooldown_ms / 1000)
             await pool.check_health()
             assert pool.snapshot().endpoints[0].available
-            await asyncio.gather(*(collect(pool.synthesize(req(i, f"t{i}"))) for i in range(8)))
+            await asyncio.gather(*(collect(pool.generate(req(i, f"t{i}"))) for i in range(8)))
             assert broken.fake.stats().completed > 0
 
 
@@ -850,8 +850,8 @@ async def test_live_cancellation_reaches_the_fake_and_leaks_nothing() -> None:
         started = asyncio.Event()
 
         async def speak(seq: int) -> None:
-            async with pool.synthesize(req(seq, text=TEXT * 4)) as syn:
-                async for _ in syn:
+            async with pool.generate(req(seq, text=TEXT * 4)) as gen:
+                async for _ in gen:
                     started.set()
 
         tasks_before = len(asyncio.all_tasks())
@@ -870,17 +870,17 @@ async def test_live_cancellation_reaches_the_fake_and_leaks_nothing() -> None:
         await until(lambda: fake.open_connections() <= idle_before)
         assert len(asyncio.all_tasks()) == tasks_before
         # Connections are reusable afterwards.
-        frames, _ = await collect(pool.synthesize(req(9, text="Hi.")))
+        frames, _ = await collect(pool.generate(req(9, text="Hi.")))
         assert frames == expected_frames("tara", "Hi.")
 
 
 async def test_live_bad_tokens_drop_frames_but_the_segment_plays() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         fake.fake.push_fault(Fault("bad_tokens", after_tokens=10, count=2))
-        frames, _ = await collect(syn := pool.synthesize(req()))
-        assert syn.result is not None and syn.result.outcome == "ok"
-        assert syn.result.parser is not None and syn.result.parser.invalid_tokens == 1
-        assert syn.result.parser.dropped_frames == 2
+        frames, _ = await collect(gen := pool.generate(req()))
+        assert gen.result is not None and gen.result.outcome == "ok"
+        assert gen.result.parser is not None and gen.result.parser.invalid_tokens == 1
+        assert gen.result.parser.dropped_frames == 2
         assert len(frames) == len(expected_frames("tara", TEXT)) - 2
 
 
@@ -888,16 +888,16 @@ async def test_live_error_event_mid_stream_and_http_500() -> None:
     async with run_fake_vllm(FAST) as fake, live_pool(live_settings(fake)) as pool:
         fake.fake.push_fault(Fault("stream_error", after_tokens=7, status=500))
         with pytest.raises(UpstreamError) as exc:
-            await collect(pool.synthesize(req()))
+            await collect(pool.generate(req()))
         assert not exc.value.transient
         fake.fake.push_fault(Fault("stream_error", after_tokens=7, status=503))
-        frames, _ = await collect(pool.synthesize(req(1)))
+        frames, _ = await collect(pool.generate(req(1)))
         assert frames == expected_frames("tara", TEXT)
         # An HTTP 500 is permanent too: passed on, not retried.
         before = fake.fake.stats().completions
         fake.fake.push_fault(Fault("http_error", status=500, message="engine is dead"))
         with pytest.raises(UpstreamError, match="engine is dead") as exc:
-            await collect(pool.synthesize(req(2)))
+            await collect(pool.generate(req(2)))
         assert not exc.value.transient and fake.fake.stats().completions == before + 1
 
 
@@ -906,10 +906,10 @@ async def test_live_api_key_from_env() -> None:
     async with run_fake_vllm(opts) as fake:
         s = live_settings(fake, api_key_env="VLLM_KEY")
         async with live_pool(s, env={"VLLM_KEY": "k-123"}) as pool:
-            frames, _ = await collect(pool.synthesize(req()))
+            frames, _ = await collect(pool.generate(req()))
             assert frames
         async with live_pool(s, env={}) as pool:
             with pytest.raises(UpstreamError) as exc:
-                await collect(pool.synthesize(req()))
+                await collect(pool.generate(req()))
             assert exc.value.code is ErrorCode.UPSTREAM_REJECTED
             assert "Unauthorized" in exc.value.message

@@ -17,7 +17,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from gateway.core.codec import AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE
+from gateway.core.tokens import AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE
 from gateway.vocab import CODES_PER_FRAME, Frame
 
 _PROMPT_RE = re.compile(r"<\|begin_of_text\|>(.*?)<\|eot_id\|>", re.S)

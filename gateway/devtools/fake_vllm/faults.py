@@ -17,7 +17,7 @@ from typing import Literal
 
 import orjson
 
-from gateway.core.codec import AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE
+from gateway.core.tokens import AUDIO_TOKEN_OFFSET, CODEBOOK_SIZE
 from gateway.devtools.fake_vllm.content import token_text
 from gateway.vocab import CODES_PER_FRAME
 

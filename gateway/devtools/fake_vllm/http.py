@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID
 from gateway.devtools.fake_vllm.content import chat_reply, count_prompt_tokens, parse_orpheus_prompt
 from gateway.devtools.fake_vllm.faults import FAULT_KINDS, Fault, Faults
 from gateway.devtools.fake_vllm.options import FakeVLLMOptions

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.codec import END_OF_SPEECH_TOKEN, END_OF_SPEECH_TOKEN_ID
+from gateway.core.tokens import END_OF_SPEECH_TOKEN, END_OF_SPEECH_TOKEN_ID
 from gateway.devtools.fake_vllm.content import all_frames, frame_token_ids, token_text
 from gateway.devtools.fake_vllm.faults import Disconnect, Fault, StreamEnded, spoil, strike
 from gateway.devtools.fake_vllm.options import FakeVLLMOptions

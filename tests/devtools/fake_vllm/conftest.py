@@ -9,8 +9,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.core.sse import SSEParser
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID, build_prompt
 from gateway.devtools.fake_vllm import FakeVLLMOptions
 from gateway.devtools.running import RunningFake, run_fake_vllm
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.core.codec import build_prompt
+from gateway.core.tokens import build_prompt
 from gateway.devtools.fake_vllm import (
     chat_reply,
     count_prompt_tokens,

@@ -8,8 +8,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import TokenParser
 from gateway.core.sse import SSEParser
+from gateway.core.tokens import TokenParser
 from gateway.devtools.fake_vllm import Fault, Faults, expected_frames
 from gateway.devtools.fake_vllm.faults import FaultInjector, spoil
 from gateway.devtools.running import RunningFake

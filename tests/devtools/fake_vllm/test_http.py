@@ -6,8 +6,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import build_prompt
 from gateway.core.sse import SSEParser
+from gateway.core.tokens import build_prompt
 from gateway.devtools.fake_vllm import FakeVLLMOptions, chat_reply, count_prompt_tokens
 from gateway.devtools.running import RunningFake, run_fake_vllm
 from tests.devtools.fake_vllm.conftest import MODEL, TEXT, body, completion_text, sse_events

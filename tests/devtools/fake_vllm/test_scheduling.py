@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, TokenParser
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID, TokenParser
 from gateway.devtools.fake_vllm import FakeVLLMOptions, Fault, expected_frames, frame_count
 from gateway.devtools.fake_vllm.scheduling import Plan, completion_tokens
 from gateway.devtools.running import run_fake_vllm

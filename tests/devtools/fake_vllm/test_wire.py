@@ -6,7 +6,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.core.codec import END_OF_SPEECH_TOKEN_ID, TokenParser
+from gateway.core.tokens import END_OF_SPEECH_TOKEN_ID, TokenParser
 from gateway.devtools.fake_vllm import expected_frames, frame_count
 from tests.devtools.fake_vllm.conftest import MODEL, TEXT, body, completion_text, sse_events
 

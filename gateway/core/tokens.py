@@ -1,4 +1,4 @@
-"""Orpheus token codec: the prompt, the voices, and an incremental audio-token parser.
+"""Orpheus tokens: the prompt, the voices, and an incremental audio-token parser.
 
 Orpheus (canopylabs/orpheus-3b-0.1-ft) speaks through a Llama-3 tokenizer extended
 with ``<custom_token_N>`` tokens. A completion streams those as literal text. Audio

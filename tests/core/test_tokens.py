@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.codec import (
+from gateway.core.tokens import (
     EMOTION_TAGS,
     END_OF_SPEECH_TOKEN_ID,
     VOICES,

@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.serving import redact
+from gateway.server.listener import redact
 from tests.server.conftest import make_settings, running_gateway
 from tests.server.fakes import FakeSynth, fake_services
 
