@@ -57,6 +57,9 @@ pytestmark = [
 
 VOICE = "tara"
 SEED = 1234
+# Seeded requests: at least two frames each, so a check that audio came never hangs on
+# where this CPU's arithmetic happens to put the seed's end-of-speech token.
+SEEDED: dict[str, Any] = {"seed": SEED, "min_tokens": 14}
 # Tokens every segment of the interrupted turn generates, at least (43 frames).
 MIN_TOKENS = 300
 PARAGRAPH = (
@@ -214,7 +217,7 @@ async def test_seeded_generation_is_reproducible(real_vllm: RealVllm, snac_weigh
     through extra_body, gives the same tokens every time, also when requests run in one
     batch; another seed gives other tokens."""
     settings = settings_for(
-        real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}, "vllm.max_tokens": 140}
+        real_vllm, snac_weights, **{"vllm.extra_body": SEEDED, "vllm.max_tokens": 140}
     )
     body = build_body(settings.vllm, SegmentJob("s", 0, 0, 0, 0, "Again.", GenParams(VOICE)))
     assert body["seed"] == SEED and body["stop_token_ids"] == [128258]
@@ -231,7 +234,7 @@ async def test_paragraph_over_websocket_is_exact(
 ) -> None:
     """A paragraph in small deltas: every segment, in order, equal to the SNAC decode of the
     tokens vLLM generated for it; the seed comes from extra_body, then from the session."""
-    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}})
+    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": SEEDED})
     texts = segments_of(PARAGRAPH, settings)
     assert len(texts) >= 3
     async with gateway(settings) as (served, gw):
@@ -340,7 +343,7 @@ async def test_interrupt_aborts_running_requests(real_vllm: RealVllm, snac_weigh
 
 async def test_openai_sdk_speech(real_vllm: RealVllm, snac_weights: Path) -> None:
     """``POST /v1/audio/speech`` through the official openai package: WAV and raw PCM."""
-    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": {"seed": SEED}})
+    settings = settings_for(real_vllm, snac_weights, **{"vllm.extra_body": SEEDED})
     async with gateway(settings) as (served, _):
         client = AsyncOpenAI(base_url=served.http_url + "/v1", api_key="unused", max_retries=0)
         try:

@@ -208,9 +208,18 @@ def test_same_seed_gives_identical_tokens(real_vllm: RealVllm) -> None:
 
 
 def test_client_disconnect_aborts_the_request(real_vllm: RealVllm) -> None:
-    # No stop token and a large max_tokens: left alone this request would run for ~40 s.
+    # Left alone this request would run for ~40 s: no stop token, and min_tokens = max_tokens
+    # with ignore_eos, so nothing can end it early. A seed alone did not do it: how long a
+    # seeded generation runs depends on the CPU's float arithmetic, and on CI's CPU nothing
+    # was running any more by the 14th token.
     body = request_body(
-        real_vllm, prompt_for("Hang up on me."), max_tokens=3000, stop_token_ids=[], seed=5
+        real_vllm,
+        prompt_for("Hang up on me."),
+        max_tokens=3000,
+        min_tokens=3000,
+        ignore_eos=True,
+        stop_token_ids=[],
+        seed=5,
     )
     with httpx.Client(base_url=real_vllm.base_url, timeout=30.0) as metrics:
         assert running_requests(metrics) == 0
@@ -229,7 +238,13 @@ def test_client_disconnect_aborts_the_request(real_vllm: RealVllm) -> None:
                 received += len(TOKEN_RE.findall(event["choices"][0]["text"]))
                 if received >= 14:
                     break
-            assert running_requests(metrics) == 1
+            # The gauge is refreshed per engine step; give it a moment rather than racing it.
+            seen = time.monotonic()
+            running = running_requests(metrics)
+            while running != 1 and time.monotonic() - seen < 1.0:
+                time.sleep(0.02)
+                running = running_requests(metrics)
+            assert running == 1, f"{running} requests running while one streams"
         # Leaving the with-blocks closed the half-read response, i.e. dropped the connection.
         disconnected = time.monotonic()
         running = running_requests(metrics)
