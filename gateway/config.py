@@ -179,6 +179,19 @@ class DecoderSettings:
     switch_interval_ms: float = _f(
         1.0, lo=0.0, hi=100.0, doc="GIL switch interval of `voicegw serve` (ms); 0 = Python's 5"
     )
+    kernel_cache: int = _f(
+        256,
+        lo=0,
+        hi=1_000_000,
+        doc="CPU: oneDNN kernels cached (per layer and window length, ~0.2 MB each); "
+        "the environment's ONEDNN_PRIMITIVE_CACHE_CAPACITY wins",
+    )
+    release_idle_ms: float = _f(
+        1000.0,
+        lo=0.0,
+        hi=3_600_000.0,
+        doc="idle time after which the decode thread returns freed memory to the OS; 0 = never",
+    )
 
 
 @dataclass(frozen=True, slots=True)

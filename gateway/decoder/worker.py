@@ -33,6 +33,7 @@ import numpy as np
 from gateway.clock import Clock, monotonic
 from gateway.core.chunker import FRAME_SECONDS, Chunker, ChunkPlan, ChunkPolicy
 from gateway.core.schedule import Batch, SchedulePolicy, Scheduler, Window
+from gateway.decoder.memory import limit_kernel_cache, release_freed_memory
 from gateway.decoder.stats import (
     BATCH_SIZE_BUCKETS,
     QUEUE_WAIT_BUCKETS,
@@ -95,12 +96,16 @@ class DecodeWorker:
         engine: WindowEngine | None = None,
         warm_up: bool = True,
         on_batch: Callable[[int, float], None] | None = None,
+        release: Callable[[], object] = release_freed_memory,
     ) -> None:
         """``model`` may be ``None`` with an injected ``engine``. ``clock`` is the one
         clock of deadlines, waits and statistics; the thread waits on it in real time, so
         it must advance like ``time.monotonic``. ``on_batch(windows, seconds)`` is called
         from the decode thread after every forward pass (e.g. to feed Prometheus
-        histograms, which are thread-safe); it must be quick and must not raise."""
+        histograms, which are thread-safe); it must be quick and must not raise.
+        ``release()`` is called from the decode thread once it has had nothing at all to do
+        for ``release_idle_ms`` after decoding (default: give freed heap memory back to
+        the system, :mod:`gateway.decoder.memory`)."""
         if engine is None:
             if model is None:
                 raise ValueError("a DecodeWorker needs a model or an engine")
@@ -114,6 +119,9 @@ class DecodeWorker:
         self._clock = clock
         self._warm_up = warm_up
         self._on_batch = on_batch
+        self._release = release
+        self._release_after = float(settings.release_idle_ms) / 1000.0
+        self._decoded_since_release = False  # the decode thread's own
         self._max_batch = int(settings.max_batch)
         self._queue_size = int(settings.queue_size)
         self._cond = threading.Condition()
@@ -307,6 +315,7 @@ class DecodeWorker:
 
     def _run(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
         try:
+            limit_kernel_cache(int(self.settings.kernel_cache))  # before the first conv
             threads = int(self.settings.threads or 0)
             if threads > 0:
                 import torch
@@ -332,6 +341,7 @@ class DecodeWorker:
                 if batch is None:
                     return
                 self._decode(batch)
+                self._decoded_since_release = True
                 with self._cond:
                     self._sched.finished(batch, self._clock())
         except Exception as exc:
@@ -354,14 +364,31 @@ class DecodeWorker:
         self._streams.clear()
 
     def _next_batch(self) -> Batch[_Job] | None:
-        with self._cond:
-            while not self._stopping:
-                decision = self._sched.next(self._clock())
-                if isinstance(decision, Batch):
-                    return decision
-                # New windows wake the thread at once (_submit notifies).
-                self._cond.wait(decision.seconds)
-            return None
+        while True:
+            with self._cond:
+                idle_since: float | None = None
+                while True:
+                    if self._stopping:
+                        return None
+                    now = self._clock()
+                    decision = self._sched.next(now)
+                    if isinstance(decision, Batch):
+                        return decision
+                    wait = decision.seconds
+                    if wait is None and self._decoded_since_release and self._release_after > 0:
+                        # Nothing queued at all: after a while, give memory back (below).
+                        idle_since = now if idle_since is None else idle_since
+                        wait = idle_since + self._release_after - now
+                        if wait <= 0:
+                            break
+                    # New windows wake the thread at once (_submit notifies).
+                    self._cond.wait(wait)
+            # Outside the lock, so that the loop can keep submitting meanwhile.
+            self._decoded_since_release = False
+            try:
+                self._release()
+            except Exception:  # housekeeping must never take the decoder down
+                log.exception("decode worker release hook failed")
 
     def _decode(self, batch: Batch[_Job]) -> None:
         with self._cond:  # streams cancelled since the batch was taken are skipped

@@ -367,6 +367,74 @@ async def test_cancel_drops_pending_jobs_and_ends_the_reader() -> None:
         await worker.stop()
 
 
+class Releases:
+    """Records each call of the worker's release hook: (thread, monotonic time)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, float]] = []
+        self.fail = fail
+
+    def __call__(self) -> None:
+        self.calls.append((threading.current_thread().name, time.monotonic()))
+        if self.fail:
+            raise RuntimeError("release failed")
+
+
+async def speak_one(worker: DecodeWorker, n: int = 20, salt: int = 0) -> float:
+    """Decode one segment of ``n`` frames to its end; returns when its last chunk came."""
+    stream = worker.open_stream(session_id="s", epoch=0, seq=salt)
+    reader = asyncio.create_task(collect(stream))
+    stream.push(frames(n, salt))
+    stream.end()
+    assert len(await reader) == n * SAMPLES_PER_FRAME * 2
+    return time.monotonic()
+
+
+async def test_an_idle_decode_thread_gives_memory_back_once_per_idle_spell() -> None:
+    releases = Releases()
+    worker = DecodeWorker(
+        None, settings(release_idle_ms=60.0), engine=FakeEngine(), release=releases
+    )
+    await worker.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert releases.calls == []  # nothing decoded yet: nothing to give back
+        done = await speak_one(worker)
+        await until(lambda: len(releases.calls) == 1)
+        thread, at = releases.calls[0]
+        assert thread != threading.current_thread().name  # the decode thread, not the loop
+        assert at - done >= 0.05  # only after the idle time
+        await asyncio.sleep(0.3)
+        assert len(releases.calls) == 1  # once per idle spell, not every idle_ms
+        await speak_one(worker, salt=1)
+        await until(lambda: len(releases.calls) == 2)
+    finally:
+        await worker.stop()
+
+
+async def test_release_idle_zero_never_releases_and_a_failing_release_is_harmless() -> None:
+    never = Releases()
+    worker = DecodeWorker(None, settings(release_idle_ms=0.0), engine=FakeEngine(), release=never)
+    await worker.start()
+    try:
+        await speak_one(worker)
+        await asyncio.sleep(0.2)
+        assert never.calls == []
+    finally:
+        await worker.stop()
+
+    broken = Releases(fail=True)
+    worker = DecodeWorker(None, settings(release_idle_ms=10.0), engine=FakeEngine(), release=broken)
+    await worker.start()
+    try:
+        await speak_one(worker)
+        await until(lambda: len(broken.calls) == 1)
+        await speak_one(worker, salt=1)  # the decoder goes on
+        assert worker.ready
+    finally:
+        await worker.stop()
+
+
 async def test_a_crash_of_the_worker_itself_fails_streams_and_readiness_loudly() -> None:
     go = threading.Event()
 
