@@ -18,14 +18,17 @@ Processes (started with ``scripts/bench.py``'s helpers, so each is measured on i
   fragmented ping, a frame far over the size limit), which must end that connection with
   its documented close code (1002, 1007, 1009).
 
-After a warm-up (caches, keep-alive connections, lazy imports), it records the gateway's
-RSS, open file descriptors, threads and event-loop tasks; at the end, once every session
-is closed and the gateway has settled, it records them again. It reports sessions served,
-close codes and error codes, RSS growth per 1,000 sessions, and a verdict: tasks and
-threads back to their baseline, descriptors within the keep-alive pool's slack, RSS
-growth (the least-squares slope of RSS against sessions served, sampled every
-``--sample-s`` after the warm-up) under ``--max-rss-growth-mb-per-1000``. The exit
-status is 1 when any check fails. Also checked: every protocol violation was closed with
+After a warm-up (caches, keep-alive connections, lazy imports), the load rests: every
+session ends, the gateway settles and its decode thread, idle, gives freed memory back
+(``decoder.release_idle_ms``); then it records the gateway's RSS, open file descriptors,
+threads and event-loop tasks. At the end it rests the same way and records them again. It
+reports sessions served, close codes and error codes, and a verdict: tasks and threads
+back to their baseline, descriptors within the keep-alive pool's slack, and RSS growth per
+1,000 sessions between the two rests under ``--max-rss-growth-mb-per-1000``. Both rests
+measure what is in use: RSS under load also holds the allocator's free heap, which rises
+in steps to the high-water of the busiest moment (docs/design.md, M1); that in-load trend
+(the least-squares slope of RSS sampled every ``--sample-s``) is reported, not checked.
+The exit status is 1 when any check fails. Also checked: every protocol violation was closed with
 its documented code, and the gateway logged at most one line above INFO per violation.
 
 Usage::
@@ -98,7 +101,9 @@ BAD_MESSAGES = (
 
 @dataclass
 class Tally:
-    sessions: int = 0
+    sessions: int = 0  # ended
+    busy: int = 0  # running now
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while none runs
     by_behaviour: collections.Counter[str] = field(default_factory=collections.Counter)
     close_codes: collections.Counter[str] = field(default_factory=collections.Counter)
     error_codes: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -240,13 +245,19 @@ async def worker(
     tally: Tally,
     ns: argparse.Namespace,
     port: int,
+    go: asyncio.Event,
 ) -> None:
     rng = random.Random(f"{ns.seed}|{k}")
     mix = [(b, w) for b, w in zip(BEHAVIOURS, WEIGHTS, strict=True) if b in ns.behaviours]
     names, weights = [b for b, _ in mix], [w for _, w in mix]
-    while time.monotonic() < until:
+    while True:
+        await go.wait()  # cleared while the load rests
+        if time.monotonic() >= until:
+            break
         behaviour = rng.choices(names, weights)[0]
         tally.by_behaviour[behaviour] += 1
+        tally.busy += 1
+        tally.idle.clear()
         try:
             if behaviour == "speech_abandon":
                 await speech_abandon(http, rng, tally)
@@ -263,7 +274,11 @@ async def worker(
             tally.client_failures[type(exc).__name__] += 1
             if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
                 tally.close_codes[str(exc.rcvd.code)] += 1
-        tally.sessions += 1
+        finally:
+            tally.sessions += 1
+            tally.busy -= 1
+            if tally.busy == 0:
+                tally.idle.set()
 
 
 def gauge(metrics: str, name: str) -> float:
@@ -286,16 +301,40 @@ def snapshot(proc: Any, metrics: str) -> dict[str, float]:
     }
 
 
+RELEASE_IDLE_MS = 1000.0
+"""The gateway's ``decoder.release_idle_ms`` here: how long a rest waits for its memory."""
+
+
 async def settled(http: httpx.AsyncClient, proc: Any, within: float = 30) -> dict[str, float]:
-    """The gateway's figures once no session is open and no engine task is left."""
+    """The gateway's figures once no session is open, no engine task is left, and the idle
+    decode thread has given freed memory back."""
     deadline = time.monotonic() + within
     while True:
         snap = snapshot(proc, (await http.get("/metrics")).text)
         idle = snap["sessions_active"] == 0 and snap["engine_tasks"] == 0
         if idle or time.monotonic() > deadline:
-            await asyncio.sleep(1.0)  # let closing handlers and sockets finish
+            # Closing handlers and sockets finish; the decode thread's release comes.
+            await asyncio.sleep(1.0 + RELEASE_IDLE_MS / 1000.0)
             return snapshot(proc, (await http.get("/metrics")).text)
         await asyncio.sleep(0.2)
+
+
+async def rest(
+    http: httpx.AsyncClient, proc: Any, go: asyncio.Event, tally: Tally
+) -> tuple[dict[str, float], int]:
+    """Pause the load until every session has ended and the gateway has settled; its
+    figures then, and the sessions ended so far. The load goes on afterwards."""
+    go.clear()
+    await tally.idle.wait()
+    try:
+        return await settled(http, proc), tally.sessions
+    finally:
+        go.set()
+
+
+def rss_growth_per_1000(before_mb: float, after_mb: float, sessions: int) -> float:
+    """MB per 1,000 sessions that RSS at rest grew over ``sessions`` sessions (0 for none)."""
+    return (after_mb - before_mb) / sessions * 1000 if sessions > 0 else 0.0
 
 
 def slope(points: list[tuple[int, float]]) -> float:
@@ -341,7 +380,7 @@ def write_config(path: Path, port: int, vllm_port: int, snac: Path) -> None:
         },
         "gateway": {
             "server": {"host": "127.0.0.1", "port": port, "log_level": "warning"},
-            "decoder": {"threads": 1},
+            "decoder": {"threads": 1, "release_idle_ms": RELEASE_IDLE_MS},
             "limits": {"max_sessions": 1024, "max_sessions_per_key": 1024},
         },
     }
@@ -380,27 +419,30 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
                 ws_url = f"ws://127.0.0.1:{gport}/v1/tts/stream"
                 start = snapshot(gw, (await http.get("/metrics")).text)
                 tally = Tally()
+                tally.idle.set()
+                go = asyncio.Event()
+                go.set()
                 t0 = time.monotonic()
                 warm_until = t0 + min(ns.warmup_s, ns.minutes * 60 / 4)
                 until = t0 + ns.minutes * 60
 
-                async def warm_then_measure() -> tuple[dict[str, float], int]:
-                    # The baseline is taken mid-run: with the pools and caches warm.
+                async def warm_then_rest() -> tuple[dict[str, float], int]:
+                    # The baseline is taken after the warm-up: pools and caches warm.
                     await asyncio.sleep(max(0.0, warm_until - time.monotonic()))
-                    return snapshot(gw, (await http.get("/metrics")).text), tally.sessions
+                    return await rest(http, gw, go, tally)
 
-                samples: list[tuple[int, float]] = []  # (sessions so far, RSS MB)
+                samples: list[tuple[int, float]] = []  # (sessions ended, RSS MB) under load
 
                 async def sample_rss() -> None:
                     while True:
                         await asyncio.sleep(ns.sample_s)
-                        if time.monotonic() >= warm_until:
+                        if time.monotonic() >= warm_until and go.is_set():
                             samples.append((tally.sessions, gw.ps.memory_info().rss / 2**20))
 
-                probe = asyncio.create_task(warm_then_measure())
+                probe = asyncio.create_task(warm_then_rest())
                 sampler = asyncio.create_task(sample_rss())
                 workers = [
-                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns, gport))
+                    asyncio.create_task(worker(k, ws_url, http, until, tally, ns, gport, go))
                     for k in range(ns.concurrency)
                 ]
                 await asyncio.gather(*workers)
@@ -414,11 +456,9 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
             gw_log = gw.log.read_text(errors="replace")
 
     after = tally.sessions - warm_sessions
-    samples.append((tally.sessions, end["rss_mb"]))
-    # Growth is the least-squares slope of RSS against sessions served after the warm-up,
-    # not end minus start: the allocator's arenas grow in steps, and one step late in a
-    # short run would read as a leak that a trend through every sample does not show.
-    growth = slope(samples) * 1000
+    # What stays in use per session: RSS at rest, end against the rest after the warm-up.
+    growth = rss_growth_per_1000(warm["rss_mb"], end["rss_mb"], after)
+    in_load = slope(samples) * 1000
     documented = {f"{kind}:{code}" for kind, (_, code) in VIOLATIONS.items()}
     n_violations = sum(tally.violations.values())
     # Lines above INFO: uvicorn's "WARNING:  ..." and the gateway's "<date> <time> WARNING ...".
@@ -459,6 +499,12 @@ async def amain(ns: argparse.Namespace) -> dict[str, Any]:
         "gateway": {"start": start, "warm": warm, "end": end},
         "sessions_after_warmup": after,
         "rss_growth_mb_per_1000_sessions": round(growth, 3),
+        "rss_at_rest_mb": {
+            "after_warmup": round(warm["rss_mb"], 2),
+            "end": round(end["rss_mb"], 2),
+        },
+        "rss_in_load_slope_mb_per_1000_sessions": round(in_load, 3),
+        "rss_in_load_max_mb": round(max((mb for _, mb in samples), default=0.0), 2),
         "rss_samples": len(samples),
         "rss_mb_by_sessions": [[n, round(mb, 2)] for n, mb in samples],
         "fake_upstream": {
