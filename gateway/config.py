@@ -180,7 +180,7 @@ class DecoderSettings:
         1.0, lo=0.0, hi=100.0, doc="GIL switch interval of `voicegw serve` (ms); 0 = Python's 5"
     )
     kernel_cache: int = _f(
-        256,
+        1024,
         lo=0,
         hi=1_000_000,
         doc="CPU: oneDNN kernels cached (per layer and window length, ~0.2 MB each); "

@@ -4,7 +4,9 @@ memory given back to the operating system.
 On CPU, torch runs SNAC's convolutions through oneDNN, which builds a kernel (a
 "primitive") per layer and input shape and caches up to 1,024 of them, a few hundred KB
 each. A decoder whose windows come in many lengths fills that cache: about 200 MB that
-never goes away (docs/design.md, M1). :func:`limit_kernel_cache` caps it.
+stays. It is bounded and it pays (a cap of 256 cost the soak 9% of its sessions,
+docs/design.md, M1), so :func:`limit_kernel_cache` only sets the cap the config asks for
+(``decoder.kernel_cache``), oneDNN's own default unless told otherwise.
 
 SNAC's intermediate tensors are megabytes each. glibc's malloc raises its mmap threshold
 after such a block is freed (up to 32 MiB), so later ones come from the heap, and a freed
