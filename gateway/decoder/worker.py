@@ -173,6 +173,8 @@ class DecodeWorker:
         """
         if self._thread is not None:
             return
+        # Before the decode thread exists: oneDNN reads it at the first convolution.
+        limit_kernel_cache(int(self.settings.kernel_cache))
         loop = asyncio.get_running_loop()
         started: asyncio.Future[None] = loop.create_future()
         self._thread = threading.Thread(
@@ -315,7 +317,6 @@ class DecodeWorker:
 
     def _run(self, loop: asyncio.AbstractEventLoop, started: asyncio.Future[None]) -> None:
         try:
-            limit_kernel_cache(int(self.settings.kernel_cache))  # before the first conv
             threads = int(self.settings.threads or 0)
             if threads > 0:
                 import torch

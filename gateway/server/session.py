@@ -128,7 +128,7 @@ class Outbox:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._q: deque[Outgoing] = deque()
+        self._q: deque[tuple[Outgoing, int]] = deque()  # with its size: counted once
         self._bytes = 0
         self._wake = asyncio.Event()
         self.overflowed = False
@@ -139,17 +139,18 @@ class Outbox:
 
     def put(self, items: list[Outgoing]) -> None:
         for o in items:
-            self._q.append(o)
-            self._bytes += size(o)
+            n = size(o)
+            self._q.append((o, n))
+            self._bytes += n
         if self._bytes > self.max_bytes:
             self.overflowed = True
         self._wake.set()
 
     def purge(self, epoch: int) -> None:
         """Drop queued audio-path frames of epochs before ``epoch`` (an interrupt)."""
-        kept = deque(o for o in self._q if o.epoch is None or o.epoch >= epoch)
+        kept = deque(q for q in self._q if q[0].epoch is None or q[0].epoch >= epoch)
         self._q = kept
-        self._bytes = sum(size(o) for o in kept)
+        self._bytes = sum(n for _, n in kept)
 
     async def get(self) -> Outgoing:
         while not self._q:
@@ -159,8 +160,8 @@ class Outbox:
             await self._wake.wait()
         if self.overflowed:
             raise SlowClientError
-        o = self._q.popleft()
-        self._bytes -= size(o)
+        o, n = self._q.popleft()
+        self._bytes -= n
         return o
 
 
