@@ -60,10 +60,9 @@ SEED = 1234
 # Seeded requests: at least two frames each, so a check that audio came never hangs on
 # where this CPU's arithmetic happens to put the seed's end-of-speech token.
 SEEDED: dict[str, Any] = {"seed": SEED, "min_tokens": 14}
-# Tokens every segment of the interrupted turn generates, at least (142 frames). Its first
-# audio comes ~60 tokens into the first segment (1.2 s here); this leaves ~15 s of margin
-# for a machine that decodes the first chunk late (CI once took more than the ~5 s that
-# 300 tokens left).
+# Tokens every segment of the interrupted turn generates, exactly (min_tokens = max_tokens):
+# its requests are still running at the first audio, however late that comes (~60 tokens
+# into the first segment here).
 MIN_TOKENS = 1000
 PARAGRAPH = (
     "The gateway is talking to a real server now. Every sentence becomes a segment of "
