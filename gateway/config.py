@@ -213,6 +213,24 @@ class LimitsSettings:
         4 * 1024 * 1024, lo=65_536, hi=1 << 31, doc="unsent frames before 4008 slow_client"
     )
     slow_client_timeout_ms: int = _f(10_000, lo=100, hi=600_000, doc="longest blocked send")
+    capacity: int = _f(
+        0, lo=0, hi=100_000, doc="sessions sustainable per process; 0 = from the measured decoder"
+    )
+    capacity_utilisation: float = _f(
+        0.7, lo=0.05, hi=1.0, doc="share of the decoder admitted sessions may use at steady rate"
+    )
+    capacity_late_windows: int = _f(
+        3, lo=0, hi=100_000, doc="late live decode windows that stop admissions; 0 = never"
+    )
+    capacity_hold_ms: int = _f(
+        5_000, lo=0, hi=600_000, doc="late windows count over this period (ms)"
+    )
+    speech_reserve: int = _f(
+        1, lo=0, hi=100_000, doc="slots /v1/audio/speech leaves to live sessions"
+    )
+    admission_wait_ms: int = _f(
+        0, lo=0, hi=600_000, doc="a WebSocket at capacity waits this long for a slot (FIFO)"
+    )
     idle_timeout_ms: int = _f(
         300_000, lo=0, hi=86_400_000, doc="close an idle WebSocket (1000 idle_timeout); 0 = never"
     )

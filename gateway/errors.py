@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN_ORIGIN = "forbidden_origin"
     TOO_MANY_SESSIONS = "too_many_sessions"
+    AT_CAPACITY = "at_capacity"
     SLOW_CLIENT = "slow_client"
     # HTTP only.
     BODY_TOO_LARGE = "body_too_large"

@@ -146,6 +146,12 @@ class DecodeWorker:
     # ---------------------------------------------------------------- lifecycle
 
     @property
+    def engine(self) -> WindowEngine:
+        """The engine, for a measurement taken before any stream is open (never while
+        the decode thread may be using it)."""
+        return self._engine
+
+    @property
     def ready(self) -> bool:
         return self._ready and not self._stopping
 

@@ -23,11 +23,13 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.utils import ClientDisconnected
 
 from gateway.config import Settings
+from gateway.core.capacity import Capacity, Kind, Refusal, Signals
 from gateway.core.protocol import Outgoing, ParamBounds, ProtocolOptions, SessionProtocol
 from gateway.core.segmenter import SegmenterOptions
 from gateway.core.tokens import VOICES
 from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
+from gateway.server.admit import Admission, Slot, capacity_policy, sample
 from gateway.server.driver import SessionDriver, Synthesizer
 from gateway.server.listener import install_log_filters
 from gateway.server.metrics import Metrics
@@ -54,6 +56,12 @@ class Services:
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     simulated: tuple[str, ...] = ()
     """What is simulated, for ``session.ready`` (demo: "upstream", "chat", "snac_weights")."""
+    decode_cost: float | None = None
+    """Measured decode seconds per audio second of one stream (None: not measured)."""
+    upstream_slots: int = 0
+    """Upstream requests this process may run at once (0: no cap on capacity)."""
+    signals: Callable[[], Signals] | None = None
+    """How admitted sessions fare now (capacity-aware admission samples it)."""
 
 
 ServicesFactory = Callable[[Settings, Metrics], contextlib.AbstractAsyncContextManager[Services]]
@@ -100,9 +108,47 @@ class Gateway:
         self.origins = OriginPolicy(settings.gateway.auth.allowed_origins)
         lim = settings.gateway.limits
         self.sessions = SessionLimiter(lim.max_sessions, lim.max_sessions_per_key)
+        self.admission = Admission(
+            Capacity(capacity_policy(settings)), wait_s=lim.admission_wait_ms / 1000.0
+        )
         self.drivers: set[SessionDriver] = set()
         self.clock = time.monotonic
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
+        self.metrics.add_callback(self._capacity, "voicegw_capacity", "Capacity")
+
+    def start_capacity(self, services: Services) -> None:
+        """Capacity from what the services measured (the decoder's cost, the upstream's
+        slots), replacing the unmeasured one the app starts with."""
+        policy = capacity_policy(self.settings, upstream_slots=services.upstream_slots)
+        cap = Capacity(policy, cost=services.decode_cost)
+        self.admission.capacity = cap
+        how = (
+            "fixed by limits.capacity"
+            if policy.fixed
+            else f"decode cost {services.decode_cost:.3f} s per audio second"
+            if services.decode_cost is not None
+            else "decoder not measured"
+        )
+        log.info("capacity: %d sessions (%s)", cap.sessions, how)
+
+    def _capacity(self) -> dict[str, float]:
+        cap = self.admission.capacity
+        return {
+            "sessions": float(cap.sessions),
+            "admitted_live": float(cap.live),
+            "admitted_speech": float(cap.speech),
+            "full": float(cap.full),
+            "late": float(cap.late()),
+            "waiting": float(self.admission.waiting),
+            "decode_cost": float(cap.cost or 0.0),
+        }
+
+    async def admit(self, kind: Kind) -> Slot | Refusal:
+        got = await self.admission.admit(kind)
+        if isinstance(got, Refusal):
+            self.metrics.refusals.labels(got.reason).inc()
+            self.metrics.errors.labels(ErrorCode.AT_CAPACITY.value).inc()
+        return got
 
     def _gauges(self) -> dict[str, float]:
         try:
@@ -190,18 +236,37 @@ async def ws_stream(ws: WebSocket) -> None:
         gw.metrics.errors.labels(ErrorCode.UNAUTHORIZED.value).inc()
         await _deny(ws, openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED))
     refusal = gw.sessions.try_acquire(principal)
-    await ws.accept()
     if refusal is not None:
+        await ws.accept()
         gw.metrics.errors.labels(ErrorCode.TOO_MANY_SESSIONS.value).inc()
-        with contextlib.suppress(Exception):
-            await ws.send_text(
-                orjson.dumps(
-                    {"type": "error", "code": ErrorCode.TOO_MANY_SESSIONS, "message": refusal}
-                ).decode()
-            )
-            await ws.close(CLOSE_TRY_LATER, "too_many_sessions")
+        gw.metrics.refusals.labels("limit").inc()
+        await _refuse(ws, ErrorCode.TOO_MANY_SESSIONS, refusal)
         return
-    await _serve_ws(gw, ws, principal)
+    try:
+        got = await gw.admit(Kind.LIVE)
+        await ws.accept()
+        if isinstance(got, Refusal):
+            await _refuse(ws, ErrorCode.AT_CAPACITY, got.message, retry_after_s=got.retry_after_s)
+            return
+        try:
+            await _serve_ws(gw, ws, principal)
+        finally:
+            got.release()
+    finally:
+        gw.sessions.release(principal)
+
+
+async def _refuse(
+    ws: WebSocket, code: ErrorCode, message: str, *, retry_after_s: float | None = None
+) -> None:
+    """An accepted WebSocket refused with an ``error`` event and close 1013 (a browser
+    cannot read the status of a refused upgrade, but it reads both of these)."""
+    event: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if retry_after_s is not None:
+        event["retry_after_s"] = round(retry_after_s, 3)
+    with contextlib.suppress(Exception):
+        await ws.send_text(orjson.dumps(event).decode())
+        await ws.close(CLOSE_TRY_LATER, code.value)
 
 
 async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
@@ -232,7 +297,6 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
     finally:
         for d in holder:
             drivers.discard(d)
-        gw.sessions.release(principal)
         gw.metrics.sessions_active.dec()
 
 
@@ -262,6 +326,17 @@ async def readyz(request: Request) -> Response:
         detail = await gw.services.readiness()
     ready = bool(detail.get("ready"))
     reason = "ok" if ready else _not_ready_reason(gw, detail)
+    cap = gw.admission.capacity
+    if gw.services is not None:
+        detail["capacity"] = {
+            "sessions": cap.sessions,
+            "live": cap.live,
+            "speech": cap.speech,
+            "late": cap.late(),
+        }
+    if ready and cap.full:
+        # A load balancer sends new sessions elsewhere; admitted ones are unaffected.
+        ready, reason = False, ErrorCode.AT_CAPACITY.value
     status = 200 if ready else 503
     if gw.keys.check(request.headers, request.query_params) is None:
         return JSONResponse({"ready": ready, "reason": reason}, status_code=status)
@@ -304,11 +379,21 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with factory(settings, gw.metrics) as services:
+            gw.start_capacity(services)
+            sampler = None
+            if services.signals is not None:
+                sampler = asyncio.create_task(
+                    sample(gw.admission, services.signals), name="capacity-sampler"
+                )
             gw.services = services
             try:
                 yield
             finally:
                 gw.services = None
+                if sampler is not None:
+                    sampler.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sampler
 
     routes: list[BaseRoute] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),

@@ -45,6 +45,10 @@ class Metrics:
             "voicegw_segments_total", "Segments by outcome", ["outcome"], registry=r
         )
         self.errors = Counter("voicegw_errors_total", "Errors by code", ["code"], registry=r)
+        self.refusals = Counter(
+            "voicegw_refusals_total", "Sessions and speech requests refused, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.ttfa = Histogram(
             "voicegw_time_to_first_audio_seconds",
             "First text of a turn to its first audio frame sent",

@@ -234,6 +234,13 @@ async def real_services(
         )
         await worker.start()
         stack.push_async_callback(worker.stop)
+        cost: float | None = None
+        if engine is None:
+            # Capacity-aware admission needs what a stream costs on this host; a fake
+            # engine's cost says nothing about one.
+            from gateway.decoder.throughput import measure_cost
+
+            cost = await asyncio.to_thread(measure_cost, worker.engine, worker.policy)
         pool = UpstreamPool(vllm, on_request_done=lambda st: _observe_request(metrics, st))
         await pool.start()
         stack.push_async_callback(pool.aclose)
@@ -274,7 +281,12 @@ async def real_services(
             *(("snac_weights",) if model.random_weights else ()),
         )
         yield Services(
-            synth=Pipeline(pool, worker), chat=chat, readiness=readiness, simulated=simulated
+            synth=Pipeline(pool, worker),
+            chat=chat,
+            readiness=readiness,
+            simulated=simulated,
+            decode_cost=cost,
+            upstream_slots=vllm.max_concurrent_requests * len(vllm.endpoint_list),
         )
 
 

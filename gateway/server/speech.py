@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import struct
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -24,8 +25,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from gateway.core.capacity import Kind, Refusal
 from gateway.core.tokens import resolve_voice
 from gateway.errors import ErrorCode, GatewayError, ProtocolError
+from gateway.server.admit import Slot
 from gateway.server.driver import Drained, SessionDriver
 from gateway.server.listener import cut_off_response
 from gateway.server.security import Principal
@@ -53,14 +56,24 @@ TICK_INTERVAL_S = 0.1
 
 
 def openai_error(
-    status: int, message: str, code: str, param: str | None = None, *, close: bool = False
+    status: int,
+    message: str,
+    code: str,
+    param: str | None = None,
+    *,
+    close: bool = False,
+    retry_after_s: float | None = None,
 ) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    # ``connection: close`` after a refused body: uvicorn then drops the connection instead
-    # of reading (and discarding) the rest of an oversized upload.
-    headers = {"connection": "close"} if close else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    headers = {}
+    if close:
+        # After a refused body: uvicorn then drops the connection instead of reading
+        # (and discarding) the rest of an oversized upload.
+        headers["connection"] = "close"
+    if retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))  # whole seconds
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def wav_header() -> bytes:
@@ -213,14 +226,19 @@ class _SpeechEndpoint:
         if isinstance(response, JSONResponse):
             await response(scope, receive, send)
             return
-        req, principal = response
-        await _run(gw, req, principal, receive, send)
+        req, principal, slot = response
+        try:
+            await _run(gw, req, principal, slot, receive, send)
+        finally:
+            slot.release()
 
 
 speech = _SpeechEndpoint()
 
 
-async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRequest, Principal]:
+async def _admit(
+    gw: Gateway, request: Request
+) -> JSONResponse | tuple[SpeechRequest, Principal, Slot]:
     """Key, body, fields and a session slot; an error response if any of them fails."""
     principal = gw.keys.check(request.headers, request.query_params)
     if principal is None:
@@ -246,14 +264,26 @@ async def _admit(gw: Gateway, request: Request) -> JSONResponse | tuple[SpeechRe
     refusal = gw.sessions.try_acquire(principal)
     if refusal is not None:
         gw.metrics.errors.labels(ErrorCode.TOO_MANY_SESSIONS.value).inc()
+        gw.metrics.refusals.labels("limit").inc()
         return openai_error(429, refusal, ErrorCode.TOO_MANY_SESSIONS)
-    return req, principal
+    got = await gw.admit(Kind.SPEECH)
+    if isinstance(got, Refusal):
+        gw.sessions.release(principal)
+        return openai_error(
+            429, got.message, ErrorCode.AT_CAPACITY, retry_after_s=got.retry_after_s
+        )
+    return req, principal, got
 
 
 async def _run(
-    gw: Gateway, req: SpeechRequest, principal: Principal, receive: Receive, send: Send
+    gw: Gateway,
+    req: SpeechRequest,
+    principal: Principal,
+    slot: Slot,
+    receive: Receive,
+    send: Send,
 ) -> None:
-    """Stream one admitted request; always closes the driver and releases the slot."""
+    """Stream one admitted request; always closes the driver and releases the slots."""
     lim = gw.settings.gateway.limits
     outbox = Outbox(lim.outbound_queue_bytes)
     high_water = min(HIGH_WATER_BYTES, lim.outbound_queue_bytes // 2)
@@ -283,13 +313,22 @@ async def _run(
                 while (await receive())["type"] != "http.disconnect":
                     pass
 
+            async def drive() -> None:
+                try:
+                    await driver.run()
+                finally:
+                    # Every segment is decoded: the rest is sending, which costs the
+                    # capacity nothing, and a client that asks again as soon as it has
+                    # its last bytes must find the slot free.
+                    slot.release()
+
             tasks = [
                 asyncio.create_task(
                     _respond(req, outbox, driver, send, lim.slow_client_timeout_ms / 1000),
                     name=f"speech-send-{session_id}",
                 ),
                 asyncio.create_task(disconnected(), name=f"speech-watch-{session_id}"),
-                asyncio.create_task(driver.run(), name=f"speech-drive-{session_id}"),
+                asyncio.create_task(drive(), name=f"speech-drive-{session_id}"),
             ]
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from gateway.config import LLMSettings, Settings
+from gateway.core.capacity import Signals
 from gateway.errors import GatewayError, UpstreamError
 from gateway.llm import ChatLLM
 from gateway.server.app import Services, ServicesFactory
@@ -65,10 +66,16 @@ class FakeSynth:
 
 
 def fake_services(
-    synth: FakeSynth, *, ready: bool = True, chat_url: str | None = None
+    synth: FakeSynth,
+    *,
+    ready: bool = True,
+    chat_url: str | None = None,
+    decode_cost: float | None = None,
+    signals: Callable[[], Signals] | None = None,
 ) -> ServicesFactory:
     """Services with a fake synthesizer; ``chat_url`` points the chat LLM at a server
-    (the fake vLLM's ``/v1``)."""
+    (the fake vLLM's ``/v1``); ``decode_cost`` and ``signals`` stand for the decoder's
+    measured cost and its late windows (capacity-aware admission)."""
 
     @contextlib.asynccontextmanager
     async def factory(settings: Settings, metrics: Metrics) -> AsyncIterator[Services]:
@@ -79,7 +86,13 @@ def fake_services(
         if chat_url is not None:
             chat = ChatLLM(LLMSettings(base_url=chat_url, model="canopylabs/orpheus-3b-0.1-ft"))
         try:
-            yield Services(synth=synth, chat=chat, readiness=readiness)
+            yield Services(
+                synth=synth,
+                chat=chat,
+                readiness=readiness,
+                decode_cost=decode_cost,
+                signals=signals,
+            )
         finally:
             if chat is not None:
                 await chat.aclose()

@@ -130,6 +130,7 @@ async def test_readyz_details_need_a_key() -> None:
         "reason": "not_ready",
         "decoder": "fake",
         "upstreams": 0,
+        "capacity": {"sessions": 256, "live": 0, "speech": 0, "late": False},
     }
 
 
@@ -138,7 +139,13 @@ async def test_readyz_without_keys_configured_shows_the_details() -> None:
         async with httpx.AsyncClient(base_url=served.http_url) as http:
             r = await http.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"ready": True, "reason": "ok", "decoder": "fake", "upstreams": 1}
+    assert r.json() == {
+        "ready": True,
+        "reason": "ok",
+        "decoder": "fake",
+        "upstreams": 1,
+        "capacity": {"sessions": 256, "live": 0, "speech": 0, "late": False},
+    }
 
 
 class Records(logging.Handler):
