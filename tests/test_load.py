@@ -51,6 +51,11 @@ def settings_for(port: int, snac_weights: Path, **extra: Any) -> Settings:
         "segmenter.min_chars": 0,
         "segmenter.idle_flush_ms": 0,
         "limits.max_sessions_per_key": 256,
+        # A few dozen at once is far beyond what this host decodes gap-free, on purpose:
+        # the point is that every session completes exactly. Capacity-aware admission
+        # would refuse most of them; it has its own tests.
+        "limits.capacity": SESSIONS,
+        "limits.capacity_late_windows": 0,
     }
     overrides.update(extra)
     return load_settings(env={}, overrides=overrides)

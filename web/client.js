@@ -37,6 +37,7 @@ export class GatewayClient {
     this.pingSentAt = 0;
     this.rttMs = null;
     this.failedBeforeReady = 0;
+    this.busyRetryS = null; // retry_after_s of an at_capacity refusal
   }
 
   url() {
@@ -92,6 +93,9 @@ export class GatewayClient {
         this.rttMs = performance.now() - this.pingSentAt;
         this.onState(this.state, "");
         return;
+      case Server.ERROR:
+        if (msg.code === "at_capacity") this.busyRetryS = msg.retry_after_s ?? null;
+        break;
     }
     this.onEvent(msg, segBytes);
   }
@@ -101,6 +105,16 @@ export class GatewayClient {
     const hadSession = this.ready !== null;
     this.ready = null;
     this.onEvent({ type: CONNECTION_LOST, code: e.code, reason: e.reason });
+    if (e.code === 1013) {
+      // The gateway is full (1013, at_capacity or too_many_sessions): it said when to
+      // try again. Not a key problem and not an outage, so neither probe nor back off.
+      const afterS = this.busyRetryS ?? 2;
+      this.busyRetryS = null;
+      const delay = afterS * 1000 * (1 + 0.25 * Math.random()); // spread the retries
+      this.setState("busy", `The gateway is at capacity · retrying in ${Math.ceil(delay / 1000)} s`);
+      this.retryTimer = setTimeout(() => this.connect(), delay);
+      return;
+    }
     if (!hadSession) {
       this.failedBeforeReady++;
       if (await this.needsKey(e)) {

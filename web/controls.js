@@ -9,6 +9,7 @@ const STATE_TEXT = {
   reconnecting: "Reconnecting…",
   connected: "Connected",
   offline: "Offline",
+  busy: "Busy",
   "needs-key": "Access key needed",
 };
 

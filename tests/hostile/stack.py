@@ -97,6 +97,10 @@ def gateway_config(port: int, fake_port: int, snac: Path, **limits: Any) -> dict
                 "outbound_queue_bytes": OUTBOUND_QUEUE_BYTES,
                 "slow_client_timeout_ms": SLOW_CLIENT_TIMEOUT_MS,
                 "idle_timeout_ms": IDLE_TIMEOUT_MS,
+                # This tier probes the configured limits; capacity-aware admission (which
+                # would refuse at 2 sessions on 2 cores) has its own tests.
+                "capacity": MAX_SESSIONS,
+                "capacity_late_windows": 0,
                 **limits,
             },
             "auth": {"api_keys": [KEY_A, KEY_B]},

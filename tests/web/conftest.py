@@ -198,6 +198,18 @@ def keyed_gateway_url(
 
 
 @pytest.fixture(scope="session")
+def one_session_gateway_url(
+    fake_vllm: str,
+    snac_weights: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """The real gateway with a capacity of one session (``limits.capacity: 1``)."""
+    config = gateway_config(fake_vllm, snac_weights, _free_port(), limits={"capacity": 1})
+    with serve_gateway(config, tmp_path_factory.mktemp("one-session-gateway")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def demo_gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``voicegw serve --demo``, as a user starts it (its own fake vLLM child process,
     seeded random SNAC weights when none are cached); yields its base URL."""

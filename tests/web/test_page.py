@@ -582,6 +582,20 @@ def test_access_key_is_asked_for_and_used(open_page: Any, keyed_gateway_url: Any
     assert page.text_content("#conn-text") == "Connected"
 
 
+def test_a_full_gateway_shows_busy_and_the_page_gets_in_when_a_slot_frees(
+    open_page: Any, one_session_gateway_url: str
+) -> None:
+    first = open_page(base=one_session_gateway_url)
+    second = open_page(base=one_session_gateway_url, wait_connected=False)
+    second.wait_for_function("voicegw.stats().connection === 'busy'")
+    assert second.text_content("#conn-text") == "Busy"
+    assert "at capacity" in (second.get_attribute("#conn", "title") or "")
+    assert second.is_hidden("#key-panel")  # a full gateway is not a key problem
+    first.close()
+    # It retries after the retry_after_s the refusal gave (2 s), and is admitted.
+    second.wait_for_function("voicegw.stats().connection === 'connected'", timeout=15_000)
+
+
 def test_save_screenshot(open_page: Any, output_dir: Path) -> None:
     """Writes the page, mid-conversation, as PNGs for a human to look at."""
     page = open_page()
