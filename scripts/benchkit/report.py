@@ -18,6 +18,7 @@ def describe(r: dict[str, Any]) -> str:
     cpu = r["cpu_ms_per_audio_s"]
     return (
         f"{r['system']:>16} N={r['n']:<3} sessions={r['sessions']:<3} "
+        f"refused={r.get('refused', 0)}{refused_text(r)} "
         f"TTFA p50={fmt(t['p50'])} p99={fmt(t['p99'])} ms  "
         f"stall p50={fmt(st['p50'])} p99={fmt(st['p99'])} ms  "
         f"CPU/audio-s={fmt(cpu)} ms  cores gw/fake/client="
@@ -26,6 +27,11 @@ def describe(r: dict[str, Any]) -> str:
         f"lost={r['lost']} reordered={r['reordered']} "
         f"errors={r['errors'] or 0}  wall={r['wall_s']:.0f}s"
     )
+
+
+def refused_text(r: dict[str, Any]) -> str:
+    ms = r.get("refused_within_ms")
+    return "" if ms is None else f" (within {ms:.0f} ms)"
 
 
 def decode_text(d: dict[str, float]) -> str:
@@ -110,16 +116,19 @@ def plot(path: Path, results: dict[str, list[dict[str, Any]]], cfg: Config, cap:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "| system | N | TTFA p50 / p99 (ms) | stall p50 / p99 (ms) | CPU ms per audio s "
-        "| lost / reordered |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| system | N | served / refused (refused within, ms) | TTFA p50 / p99 (ms) "
+        "| stall p50 / p99 / max (ms) | CPU ms per audio s | lost / reordered |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for system in ("gateway", "baseline_whole", "baseline_window"):
         for r in report["results"].get(system, []):
             t, s = r["ttfa_ms"], r["stall_ms"]
+            within = r.get("refused_within_ms")
             lines.append(
-                f"| {system} | {r['n']} | {fmt(t['p50'])} / {fmt(t['p99'])} | "
-                f"{fmt(s['p50'])} / {fmt(s['p99'])} | {fmt(r['cpu_ms_per_audio_s'])} | "
-                f"{r['lost']} / {r['reordered']} |"
+                f"| {system} | {r['n']} | {r['sessions']} / {r.get('refused', 0)}"
+                f"{'' if within is None else f' ({within:.0f})'} | "
+                f"{fmt(t['p50'])} / {fmt(t['p99'])} | "
+                f"{fmt(s['p50'])} / {fmt(s['p99'])} / {fmt(s.get('max'))} | "
+                f"{fmt(r['cpu_ms_per_audio_s'])} | {r['lost']} / {r['reordered']} |"
             )
     return "\n".join(lines)

@@ -72,6 +72,8 @@ class SessionResult:
     """Samples missing from segments that did arrive (the reference window loses edges)."""
     errors: dict[str, int] = field(default_factory=dict)
     arrivals: list[tuple[float, int]] = field(default_factory=list)
+    refused_after_s: float | None = None
+    """Refused at capacity (close 1013 ``at_capacity``) this long after connecting."""
 
     def finish(self, t0: float, start_delay: float) -> None:
         rel = [(t - t0, n) for t, n in self.arrivals]
@@ -107,6 +109,9 @@ async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> Ses
     async def talk(ws: Any) -> None:
         nonlocal t0
         ready = orjson.loads(await ws.recv())
+        if ready["type"] == "error" and ready["code"] in ("at_capacity", "too_many_sessions"):
+            res.refused_after_s = time.perf_counter() - t_connect
+            return
         assert ready["type"] == "session.ready", ready
         await ws.send(orjson.dumps({"type": "session.update", "voice": cfg.voice}).decode())
         assert orjson.loads(await ws.recv())["type"] == "session.updated"
@@ -156,9 +161,12 @@ async def gateway_session(url: str, i: int, cfg: Config, start_at: float) -> Ses
             with contextlib.suppress(BaseException):
                 await feeder
 
+    t_connect = time.perf_counter()
     try:
         async with connect(url, max_size=None, compression=None, open_timeout=60) as ws:
             await talk(ws)
+        if res.refused_after_s is not None:
+            return res
     except (OSError, TimeoutError, WebSocketException) as exc:
         # An overloaded gateway that cannot even accept the session: a result, not a crash.
         res.error(f"connection:{type(exc).__name__}")

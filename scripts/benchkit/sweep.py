@@ -37,7 +37,9 @@ class Round:
     decode: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        s = self.sessions
+        # Refused sessions were told so at once; the figures are the served ones'.
+        refused = [x.refused_after_s for x in self.sessions if x.refused_after_s is not None]
+        s = [x for x in self.sessions if x.refused_after_s is None]
         ttfa = [x.ttfa_s * 1000 for x in s if x.ttfa_s is not None]
         stall = [x.stall_s * 1000 for x in s]
         total = [x.total_s for x in s if x.total_s is not None]
@@ -50,6 +52,8 @@ class Round:
             "system": self.system,
             "n": self.n,
             "sessions": len(s),
+            "refused": len(refused),
+            "refused_within_ms": 1000 * max(refused) if refused else None,
             "ttfa_ms": {"p50": pct(ttfa, 50), "p95": pct(ttfa, 95), "p99": pct(ttfa, 99)},
             "stall_ms": {
                 "p50": pct(stall, 50),
@@ -73,6 +77,26 @@ class Round:
             "client_cpu_s": self.client_cpu_s,
             "decode": self.decode,
         }
+
+
+async def wait_released(http: httpx.AsyncClient, within_s: float = 10.0) -> None:
+    """Until the gateway holds no session slot: the next wave must not be refused for
+    slots the last one is still letting go of (its sessions close as ours return)."""
+    deadline = time.perf_counter() + within_s
+    while time.perf_counter() < deadline:
+        try:
+            text = (await http.get("/metrics", timeout=10)).text
+        except httpx.HTTPError:
+            return
+        held = [
+            float(v)
+            for line in text.splitlines()
+            for name, _, v in [line.partition(" ")]
+            if name in ("voicegw_capacity_admitted_live", "voicegw_capacity_admitted_speech")
+        ]
+        if not any(held):
+            return
+        await asyncio.sleep(0.05)
 
 
 _DECODE_SERIES = (
@@ -143,6 +167,8 @@ async def run_round(
                     variant = system.removeprefix("baseline_")
                     jobs.append(baseline_session(http, i, cfg, variant, at))
             results.extend(await asyncio.gather(*jobs))
+            if system == "gateway":
+                await wait_released(http)
         wall = time.perf_counter() - t_start
         dec1 = await decode_counters(http) if system == "gateway" else {}
     return Round(
