@@ -2,9 +2,9 @@
 
 Torch never runs on the event loop. The loop side (``DecodeStream.push``) only plans
 chunks with the pure chunker and queues them; the worker thread asks the pure scheduler
-(:mod:`gateway.core.schedule`: deadline first, batching, pacing, holding the decoder for
-urgent work) which windows to decode next, decodes them and hands the PCM back with
-``loop.call_soon_threadsafe``.
+(:mod:`gateway.core.schedule`: deadline first, late sessions in turns with live ones
+first, batching, pacing, holding the decoder for urgent work) which windows to decode
+next, decodes them and hands the PCM back with ``loop.call_soon_threadsafe``.
 
 Only values cross between the threads. The loop pushes windows, deadlines (evaluated on
 the loop) and reservations into the scheduler under the worker's lock; the thread reads
@@ -133,6 +133,7 @@ class DecodeWorker:
                 max_wait=float(settings.max_wait_ms) / 1000.0,
                 urgent_hold=float(settings.urgent_hold_ms) / 1000.0,
                 decode_ahead=float(settings.decode_ahead_ms) / 1000.0,
+                unpaced_patience=int(settings.unpaced_patience),
             )
         )
         self._keys = itertools.count()
@@ -269,7 +270,9 @@ class DecodeWorker:
 
     def _open(self, stream: DecodeStream, anchor: float) -> None:
         with self._cond:
-            self._sched.open(stream.key, anchor=anchor, paced=stream.paced)
+            self._sched.open(
+                stream.key, anchor=anchor, paced=stream.paced, session=stream.session_id
+            )
 
     def _set_anchor(self, stream: DecodeStream, anchor: float) -> None:
         with self._cond:
