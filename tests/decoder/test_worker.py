@@ -311,6 +311,37 @@ async def test_late_sessions_take_turns_live_first(patience: int, expected: list
         await worker.stop()
 
 
+async def test_late_windows_of_paced_streams_are_counted_with_when_they_came() -> None:
+    engine = FakeEngine(fail=lambda p: p.frames[0][6] == 4)
+    worker = await started(engine)
+    try:
+
+        def segment(name: str, salt: int, deadline: float, paced: bool) -> DecodeStream:
+            s = worker.open_stream(session_id=name, epoch=0, seq=0, deadline=deadline, paced=paced)
+            s.push(frames(9, salt))
+            s.end()
+            return s
+
+        t0 = time.monotonic()
+        late = segment("late", 1, t0 - 1.0, True)  # its client ran dry a second ago
+        ahead = segment("ahead", 2, t0 + 100.0, True)
+        speech = segment("speech", 3, t0 - 1.0, False)  # late too, but not played live
+        failing = segment("failing", 4, t0 - 1.0, True)  # late, but its decode fails
+        for s in (late, ahead, speech):
+            await collect(s)
+        with pytest.raises(DecoderError, match="fake decode failure"):
+            await collect(failing)
+        k = n_chunks(9)
+        assert worker.stats.late_jobs == k
+        t1 = time.monotonic()
+        assert worker.late_since(t0) == k and worker.late_since(t1) == 0
+        await collect(segment("again", 5, t1 - 1.0, True))
+        assert worker.late_since(t1) == k and worker.late_since(t0) == 2 * k
+        assert worker.stats.late_jobs == 2 * k
+    finally:
+        await worker.stop()
+
+
 async def test_jobs_from_many_sessions_are_batched_by_shape() -> None:
     engine = FakeEngine()
     worker = await started(engine, max_batch=4, max_wait_ms=500.0)
