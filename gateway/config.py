@@ -176,6 +176,13 @@ class DecoderSettings:
         hi=600000.0,
         doc="CPU: WebSocket audio is decoded at most this far ahead of playback; 0 = no limit",
     )
+    unpaced_patience: int = _f(
+        4,
+        lo=0,
+        hi=1000,
+        doc="under overload: decode passes WebSocket audio may take in a row while late "
+        "/v1/audio/speech audio waits; 0 = no precedence, late streams take turns alike",
+    )
     switch_interval_ms: float = _f(
         1.0, lo=0.0, hi=100.0, doc="GIL switch interval of `voicegw serve` (ms); 0 = Python's 5"
     )

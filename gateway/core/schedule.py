@@ -9,21 +9,54 @@ Policy:
 
 - **Deadline first.** Every stream has an anchor: when its first sample must play (a
   value pushed from the event loop). A window is due at its stream's anchor plus the
-  window's offset in the segment; the most urgent window goes first, across all streams.
-  Ties go by ``Window.tie`` (session, turn, seq, chunk index), then by submission order.
+  window's offset in the segment; while no eligible window is late (due at or before
+  ``now``), the most urgent window goes first, across all streams. Ties go by
+  ``Window.tie`` (session, turn, seq, chunk index), then by submission order.
+- **Fair overload.** Once an eligible window is late, deadlines no longer rank the late
+  windows against each other: a late stream's anchor says when the event loop last looked
+  at it (``Deadline.at`` is ``now`` for a client that ran dry), not how long it has waited,
+  so deadline order lets whoever was refreshed last wait without bound. Instead late
+  *sessions* (the ``session`` a stream was opened with: all the segments of one WebSocket
+  session or one speech request) take turns. The order of a pass, first to last:
+
+  0. late windows of unpaced streams, when the unpaced class has been passed over
+     ``unpaced_patience`` passes in a row (below);
+  1. late windows of paced streams: one window per late session per round, the session
+     that has waited longest first (since a pass last served it, or since it opened);
+     within a session in ``tie`` order, which is playback order;
+  2. paced windows due within :data:`URGENT_S` (live audio about to run dry), by
+     deadline;
+  3. late windows of unpaced streams, in rounds as in 1;
+  4. everything else, by deadline.
+
+  A pass *passes over* the unpaced class when a late unpaced window is eligible and the
+  pass's first window is not one. With ``unpaced_patience`` 0 live takes no precedence:
+  every late window is in class 1, and class 2 is empty.
+
+  *Fair*, precisely. A session's *wait* is the passes taken from one chosen while it has
+  a late eligible window to the one that serves it. A late paced session's wait holds at
+  most ``k - 1`` passes led by other paced sessions (``k``: the paced sessions late
+  during the wait) and at most ``1 + (those passes) // unpaced_patience`` led by unpaced
+  ones. A late unpaced session's wait holds at most ``m - 1`` passes led by other unpaced
+  sessions (``m`` likewise) and never more than ``unpaced_patience`` in a row led by
+  paced ones. With ``unpaced_patience`` 0 a late session waits at most ``k - 1`` passes,
+  ``k`` counting every late session. So under overload every late session gets a window
+  in every round and lateness is shared evenly, live first, and speech always
+  progresses. The bounds count passes; what a pass costs is the engine's.
 - **Batching.** With fewer than ``max_batch`` windows pending, the decoder waits until the
   oldest has waited ``max_wait`` (a full batch goes at once). It then takes the
-  ``max_batch`` most urgent windows and decodes those that stack with the most urgent one
-  (same group, at most ``max_stack``). The rest stay pending and are ranked again, with
-  anything new, for the next pass: a far-ahead window never rides along ahead of more
-  urgent audio. At most one forward pass is taken at a time.
+  ``max_batch`` first windows in the order above and decodes those that stack with the
+  first one (same group, at most ``max_stack``). The rest stay pending and are ranked
+  again, with anything new, for the next pass: a far-ahead window never rides along ahead
+  of more urgent audio. At most one forward pass is taken at a time.
 - **Pacing** (only where passes are one window, ``max_stack == 1``, and ``decode_ahead``
   is set): a paced stream's window becomes eligible ``decode_ahead`` before it is due.
 - **Holding** (only where ``max_stack == 1``). A window due within :data:`URGENT_S` is
-  urgent. When the most urgent eligible window is not, the decoder waits instead of
-  starting an uninterruptible pass that would delay urgent work: for ``urgent_hold``
-  after the last urgent pass ended, and while a stream's reservation (the time by which it
-  will cut its next chunk) falls before the pass would end at the measured cost.
+  urgent. When the first eligible window is not (so nothing is late), the decoder waits
+  instead of starting an uninterruptible pass that would delay urgent work: for
+  ``urgent_hold`` after the last urgent pass ended, and while a stream's reservation (the
+  time by which it will cut its next chunk) falls before the pass would end at the
+  measured cost.
 - **Cost.** ``decode_cost`` is a moving average (weight :data:`COST_WEIGHT` per pass) of a
   pass's seconds per window frame, where a pass counts as its largest window plus
   ``CONTEXT_COST_FRAMES``; the event loop reads it to size chunks.
@@ -31,9 +64,11 @@ Policy:
 Invariants:
 
 - A submitted window is returned in at most one batch, and never after its stream was
-  closed: :meth:`Scheduler.close` drops the stream's pending windows and reservation.
+  closed: :meth:`Scheduler.close` drops the stream's pending windows and reservation (and
+  its session's turn, with the session's last stream).
 - A batch is non-empty, holds at most ``max(1, max_stack)`` windows of one group, and its
-  first window is the most urgent eligible pending window.
+  first window is the first eligible pending window in the order above (the most urgent
+  one while none is late). With one-window passes a stream's windows go in chunk order.
 - :meth:`Scheduler.next` returns a :class:`Batch` or a :class:`Wait`; a wait is either
   positive or ``None`` (nothing pending: wait until woken). New windows, not the passing
   of time alone, are what a ``None`` wait needs.
@@ -78,6 +113,9 @@ class SchedulePolicy:
     decode_ahead: float = 0.0
     """One-window passes: a paced stream's window is decoded at most this long before it is
     due (0: no limit)."""
+    unpaced_patience: int = 4
+    """While windows are late: passes in a row that may pass over late unpaced windows for
+    paced ones before an unpaced one goes (0: paced streams take no precedence)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +158,19 @@ class Wait:
 class _Stream:
     anchor: float
     paced: bool
+    session: Hashable
+
+
+@dataclass(slots=True)
+class _Session:
+    served: int
+    """When a pass last served one of its windows, or it opened (``Scheduler._turns``)."""
+    streams: int
+    """Its open streams (the session is forgotten with the last)."""
+
+
+# The order of a pass while windows are late (see the module's docstring).
+_OVERDUE_UNPACED, _LATE_PACED, _URGENT_PACED, _LATE_UNPACED, _REST = range(5)
 
 
 class Scheduler(Generic[T]):
@@ -135,6 +186,9 @@ class Scheduler(Generic[T]):
         # Stream key -> when it will cut its next chunk at the latest.
         self._reserved: dict[int, float] = {}
         self._urgent_done = -math.inf  # when the last urgent pass ended
+        self._sessions: dict[Hashable, _Session] = {}
+        self._turns = 0  # counts batches taken and sessions opened: orders their times
+        self._passed_over = 0  # passes in a row that passed over late unpaced windows
 
     # ------------------------------------------------------------------ inputs
 
@@ -145,10 +199,21 @@ class Scheduler(Generic[T]):
         if max_stack > 1:
             self.decode_cost = GPU_COST
 
-    def open(self, stream: int, *, anchor: float, paced: bool) -> None:
+    def open(self, stream: int, *, anchor: float, paced: bool, session: Hashable = None) -> None:
         """Register a stream: ``anchor`` is when its first sample must play (``math.inf``
-        until known); a ``paced`` stream's audio plays as it is delivered."""
-        self._streams[stream] = _Stream(anchor, paced)
+        until known); a ``paced`` stream's audio plays as it is delivered. Late streams of
+        one ``session`` share its turns (``None``: the stream is a session of its own)."""
+        old = self._streams.get(stream)
+        if old is not None:
+            self._leave(old)
+        key = ("stream", stream) if session is None else ("session", session)
+        self._streams[stream] = _Stream(anchor, paced, key)
+        ses = self._sessions.get(key)
+        if ses is None:
+            self._turns += 1
+            self._sessions[key] = _Session(self._turns, 1)
+        else:
+            ses.streams += 1
 
     def set_anchor(self, stream: int, anchor: float) -> None:
         """The stream's first sample must now play at ``anchor``."""
@@ -170,12 +235,20 @@ class Scheduler(Generic[T]):
     def close(self, stream: int) -> int:
         """Forget a stream: drop its pending windows and reservation. Returns how many
         windows were dropped."""
-        self._streams.pop(stream, None)
+        st = self._streams.pop(stream, None)
+        if st is not None:
+            self._leave(st)
         self._reserved.pop(stream, None)
         keep = [w for w in self._pending if w.stream != stream]
         dropped = len(self._pending) - len(keep)
         self._pending = keep
         return dropped
+
+    def _leave(self, st: _Stream) -> None:
+        ses = self._sessions[st.session]
+        ses.streams -= 1
+        if ses.streams == 0:
+            del self._sessions[st.session]
 
     def clear(self) -> list[Window[T]]:
         """Drop every pending window (the decoder stops); returns them."""
@@ -209,19 +282,24 @@ class Scheduler(Generic[T]):
             if until > now:
                 return Wait(until - now)
         one_at_a_time = self.max_stack == 1
-        anchors = {k: st.anchor for k, st in self._streams.items()}
-        keys = {id(w): (anchors[w.stream] + w.offset, w.tie) for w in pending}
+        streams = self._streams
+        keys = {id(w): (streams[w.stream].anchor + w.offset, w.tie) for w in pending}
         eligible = pending
         if p.decode_ahead > 0 and one_at_a_time:
             # Decoding further ahead saves nothing (the work is the same) but runs
             # uninterruptible passes of far-ahead segments while a head segment is early in
             # its ramp, and takes a core from everything else on the host in bursts.
             horizon = now + p.decode_ahead
-            paced = {k for k, st in self._streams.items() if st.paced}
-            eligible = [w for w in pending if w.stream not in paced or keys[id(w)][0] <= horizon]
+            eligible = [
+                w for w in pending if not streams[w.stream].paced or keys[id(w)][0] <= horizon
+            ]
             if not eligible:
                 return _wait(min(keys[id(w)][0] for w in pending) - horizon)
-        top = heapq.nsmallest(p.max_batch, eligible, key=lambda w: keys[id(w)])
+        late = [w for w in eligible if keys[id(w)][0] <= now]
+        if late:
+            top = self._fair_top(eligible, late, keys, now)
+        else:
+            top = heapq.nsmallest(p.max_batch, eligible, key=lambda w: keys[id(w)])
         urgent = keys[id(top[0])][0] <= now + URGENT_S
         if not urgent and one_at_a_time:
             # A pass cannot be interrupted: far-ahead work started in the gap between two
@@ -243,7 +321,67 @@ class Scheduler(Generic[T]):
         chosen = [w for w in top if w.group == group][: max(1, self.max_stack)]
         taken = {id(w) for w in chosen}
         self._pending = [w for w in pending if id(w) not in taken]
+        first = chosen[0]
+        self._served(
+            chosen,
+            late_unpaced=any(not streams[w.stream].paced for w in late),
+            led_by_unpaced=not streams[first.stream].paced and keys[id(first)][0] <= now,
+        )
         return Batch(tuple(chosen), urgent)
+
+    def _fair_top(
+        self,
+        eligible: list[Window[T]],
+        late: list[Window[T]],
+        keys: dict[int, tuple[float, tuple[str, int, int, int]]],
+        now: float,
+    ) -> list[Window[T]]:
+        """The ``max_batch`` first eligible windows in the module's order, while some are
+        late."""
+        streams, sessions = self._streams, self._sessions
+        limit, patience = self.policy.max_batch, self.policy.unpaced_patience
+        overdue = patience > 0 and self._passed_over >= patience
+        by_session: dict[Hashable, list[Window[T]]] = {}
+        for w in late:
+            by_session.setdefault(streams[w.stream].session, []).append(w)
+        ranked: list[tuple[tuple[int, int, int, float, tuple[str, int, int, int]], int]] = []
+        cands: list[Window[T]] = []
+        for key, ws in by_session.items():
+            served = sessions[key].served
+            # A session's late windows in playback order: its n-th goes in round n (and
+            # only the first ``limit`` rounds can make this pass).
+            for n, w in enumerate(heapq.nsmallest(limit, ws, key=_tie)):
+                if patience == 0 or streams[w.stream].paced:
+                    cls = _LATE_PACED
+                else:
+                    cls = _OVERDUE_UNPACED if overdue else _LATE_UNPACED
+                ranked.append(((cls, n, served, *keys[id(w)]), len(cands)))
+                cands.append(w)
+        if len(cands) < len(eligible):
+            taken = {id(w) for w in late}
+            urgent = now + URGENT_S
+
+            def rest(w: Window[T]) -> tuple[int, int, int, float, tuple[str, int, int, int]]:
+                due, tie = keys[id(w)]
+                live = patience > 0 and due <= urgent and streams[w.stream].paced
+                return (_URGENT_PACED if live else _REST, 0, 0, due, tie)
+
+            others = (w for w in eligible if id(w) not in taken)
+            for w in heapq.nsmallest(limit, others, key=rest):
+                ranked.append((rest(w), len(cands)))
+                cands.append(w)
+        return [cands[i] for _, i in heapq.nsmallest(limit, ranked)]
+
+    def _served(self, chosen: list[Window[T]], late_unpaced: bool, led_by_unpaced: bool) -> None:
+        """Turns and patience after a batch: whether a late unpaced window was eligible,
+        and whether one led the batch."""
+        self._turns += 1
+        for w in chosen:
+            self._sessions[self._streams[w.stream].session].served = self._turns
+        if late_unpaced and not led_by_unpaced:
+            self._passed_over += 1
+        else:  # the unpaced class led this pass, or it has nothing late
+            self._passed_over = 0
 
     # ------------------------------------------------------------------ feedback
 
@@ -256,6 +394,10 @@ class Scheduler(Generic[T]):
         """``batch`` was decoded and delivered at ``now``."""
         if batch.urgent:
             self._urgent_done = now
+
+
+def _tie(w: Window[T]) -> tuple[str, int, int, int]:
+    return w.tie
 
 
 def _wait(seconds: float) -> Wait:

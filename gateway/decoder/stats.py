@@ -9,8 +9,16 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+LATE_S = 0.050
+"""A paced stream's window whose decode ends more than this after it was due is late: its
+client ran dry (a gap in live audio)."""
+
+LATE_HISTORY = 1024
+"""Passes with late windows that :meth:`DecoderCounters.late_since` remembers."""
 
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, math.inf)
 QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
@@ -56,6 +64,8 @@ class DecoderStats:
     failed_jobs: int
     cancelled_jobs: int
     rejected_jobs: int
+    late_jobs: int
+    """Windows of paced streams decoded more than :data:`LATE_S` after they were due."""
 
 
 class _Histogram:
@@ -90,6 +100,9 @@ class DecoderCounters:
         self._failed = 0
         self._cancelled = 0
         self._rejected = 0
+        self._late = 0
+        # (when the pass ended, its late windows), oldest first.
+        self._late_at: deque[tuple[float, int]] = deque(maxlen=LATE_HISTORY)
         self._batch_hist = _Histogram(BATCH_SIZE_BUCKETS)
         self._wait_hist = _Histogram(QUEUE_WAIT_BUCKETS)
 
@@ -104,6 +117,24 @@ class DecoderCounters:
     def cancelled(self, jobs: int) -> None:
         with self._lock:
             self._cancelled += jobs
+
+    def late(self, jobs: int, at: float) -> None:
+        """A pass that ended at ``at`` decoded ``jobs`` late windows (see :data:`LATE_S`)."""
+        if jobs > 0:
+            with self._lock:
+                self._late += jobs
+                self._late_at.append((at, jobs))
+
+    def late_since(self, t: float) -> int:
+        """Late windows of the passes that ended at ``t`` or later (of the last
+        :data:`LATE_HISTORY` passes that had any: a bound, so the count saturates)."""
+        n = 0
+        with self._lock:
+            for at, jobs in reversed(self._late_at):
+                if at < t:
+                    break
+                n += jobs
+        return n
 
     def passed(
         self, *, waits: Iterable[float], seconds: float, audio_seconds: float, failed: int
@@ -151,7 +182,15 @@ class DecoderCounters:
                 failed_jobs=self._failed,
                 cancelled_jobs=self._cancelled,
                 rejected_jobs=self._rejected,
+                late_jobs=self._late,
             )
 
 
-__all__ = ["BATCH_SIZE_BUCKETS", "QUEUE_WAIT_BUCKETS", "DecoderCounters", "DecoderStats"]
+__all__ = [
+    "BATCH_SIZE_BUCKETS",
+    "LATE_HISTORY",
+    "LATE_S",
+    "QUEUE_WAIT_BUCKETS",
+    "DecoderCounters",
+    "DecoderStats",
+]

@@ -2,9 +2,9 @@
 
 Torch never runs on the event loop. The loop side (``DecodeStream.push``) only plans
 chunks with the pure chunker and queues them; the worker thread asks the pure scheduler
-(:mod:`gateway.core.schedule`: deadline first, batching, pacing, holding the decoder for
-urgent work) which windows to decode next, decodes them and hands the PCM back with
-``loop.call_soon_threadsafe``.
+(:mod:`gateway.core.schedule`: deadline first, late sessions in turns with live ones
+first, batching, pacing, holding the decoder for urgent work) which windows to decode
+next, decodes them and hands the PCM back with ``loop.call_soon_threadsafe``.
 
 Only values cross between the threads. The loop pushes windows, deadlines (evaluated on
 the loop) and reservations into the scheduler under the worker's lock; the thread reads
@@ -36,6 +36,7 @@ from gateway.core.schedule import Batch, SchedulePolicy, Scheduler, Window
 from gateway.decoder.memory import limit_kernel_cache, release_freed_memory
 from gateway.decoder.stats import (
     BATCH_SIZE_BUCKETS,
+    LATE_S,
     QUEUE_WAIT_BUCKETS,
     DecoderCounters,
     DecoderStats,
@@ -133,6 +134,7 @@ class DecodeWorker:
                 max_wait=float(settings.max_wait_ms) / 1000.0,
                 urgent_hold=float(settings.urgent_hold_ms) / 1000.0,
                 decode_ahead=float(settings.decode_ahead_ms) / 1000.0,
+                unpaced_patience=int(settings.unpaced_patience),
             )
         )
         self._keys = itertools.count()
@@ -262,6 +264,13 @@ class DecodeWorker:
         with self._cond:
             return self._sched.pending
 
+    def late_since(self, t: float) -> int:
+        """Windows of paced streams decoded more than ``LATE_S`` after they were due, in
+        passes that ended at ``t`` or later (the worker's clock). Cheap, for the event loop:
+        admission stops while admitted sessions miss their deadlines. At most the last
+        ``LATE_HISTORY`` passes with late windows count."""
+        return self._counters.late_since(t)
+
     @property
     def stats(self) -> DecoderStats:
         return self._counters.snapshot(
@@ -275,7 +284,9 @@ class DecodeWorker:
 
     def _open(self, stream: DecodeStream, anchor: float) -> None:
         with self._cond:
-            self._sched.open(stream.key, anchor=anchor, paced=stream.paced)
+            self._sched.open(
+                stream.key, anchor=anchor, paced=stream.paced, session=stream.session_id
+            )
 
     def _set_anchor(self, stream: DecodeStream, anchor: float) -> None:
         with self._cond:
@@ -400,7 +411,9 @@ class DecodeWorker:
     def _decode(self, batch: Batch[_Job]) -> None:
         with self._cond:  # streams cancelled since the batch was taken are skipped
             jobs = [w for w in batch.windows if self._sched.is_open(w.stream)]
-            dues = [self._sched.due(w) for w in jobs] if log.isEnabledFor(logging.DEBUG) else []
+            # Read before the pass: a late stream's deadline, re-read on the loop meanwhile,
+            # moves on towards "now" and would hide how late its window came.
+            dues = [self._sched.due(w) for w in jobs]
         if not jobs:
             return
         t0 = self._clock()
@@ -416,13 +429,20 @@ class DecodeWorker:
         # Stacked windows are decoded together, so the pass costs what its largest does.
         with self._cond:
             self._sched.measured(seconds, max(w.frames for w in jobs))
-        for w, due in zip(jobs, dues, strict=False):
-            p = w.item.plan
-            log.debug(
-                "decoded %s/%s chunk %d (%d frames) in %.0f ms, %.0f ms before it plays",
-                w.tie[0], w.tie[2], p.index, p.end - p.start,
-                seconds * 1000, (due - t1) * 1000,
-            )  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):
+            for w, due in zip(jobs, dues, strict=True):
+                p = w.item.plan
+                log.debug(
+                    "decoded %s/%s chunk %d (%d frames) in %.0f ms, %.0f ms before it plays",
+                    w.tie[0], w.tie[2], p.index, p.end - p.start,
+                    seconds * 1000, (due - t1) * 1000,
+                )  # fmt: skip
+        late = sum(
+            1
+            for w, due, out in zip(jobs, dues, outs, strict=True)
+            if w.item.stream.paced and not isinstance(out, BaseException) and t1 - due > LATE_S
+        )
+        self._counters.late(late, t1)
         self._counters.passed(
             waits=[max(0.0, t0 - w.submitted) for w in jobs],
             seconds=seconds,

@@ -114,8 +114,9 @@ async def test_deadline_first_head_segment_overtakes_far_ahead_segment() -> None
     worker = await started(engine, max_batch=1)
     try:
         engine.gate.clear()  # the worker will sit in its first decode
-        far = worker.open_stream(session_id="a", epoch=0, seq=1, deadline=100.0)
-        head = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=5.0)
+        now = time.monotonic()  # the worker's clock: neither segment is late
+        far = worker.open_stream(session_id="a", epoch=0, seq=1, deadline=now + 100.0)
+        head = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=now + 5.0)
         far_reader = asyncio.create_task(collect(far))
         head_reader = asyncio.create_task(collect(head))
         far.push(frames(40, salt=1))
@@ -143,11 +144,12 @@ async def test_one_pass_at_a_time_lets_an_urgent_job_in_between() -> None:
     worker = await started(engine, max_batch=16)
     try:
         engine.gate.clear()  # the worker will sit in its first decode
+        now = time.monotonic()  # the worker's clock
         fars = [
-            worker.open_stream(session_id=f"f{i}", epoch=0, seq=1, deadline=100.0 + i)
+            worker.open_stream(session_id=f"f{i}", epoch=0, seq=1, deadline=now + 100.0 + i)
             for i in range(4)
         ]
-        head = worker.open_stream(session_id="h", epoch=0, seq=0, deadline=5.0)
+        head = worker.open_stream(session_id="h", epoch=0, seq=0, deadline=now)
         readers = [asyncio.create_task(collect(s)) for s in [*fars, head]]
         for i, f in enumerate(fars):
             f.push(frames(5, salt=10 + i))  # one first chunk each, all the same shape
@@ -208,8 +210,9 @@ async def test_chunk_deadlines_interleave_streams_by_playback_time() -> None:
         await until(engine.entered.is_set)
         # Same deadline: each chunk's own deadline is the stream's plus its offset, so the
         # two sessions alternate by playback time; ties go by session id.
-        a = worker.open_stream(session_id="a", epoch=0, seq=0, deadline=10.0)
-        b = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=10.0)
+        now = time.monotonic()  # the worker's clock: neither is late
+        a = worker.open_stream(session_id="a", epoch=0, seq=0, deadline=now + 10.0)
+        b = worker.open_stream(session_id="b", epoch=0, seq=0, deadline=now + 10.0)
         readers = [asyncio.create_task(collect(s)) for s in (a, b)]
         a.push(frames(17, salt=1))
         b.push(frames(17, salt=2))
@@ -236,7 +239,8 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
         blocker.push(frames(5, salt=3))
         blocker.end()
         await until(engine.entered.is_set)
-        due = {"a": 10.0, "b": 20.0}
+        now = time.monotonic()  # the worker's clock
+        due = {"a": now, "b": now}  # both clients run dry now: chunks are cut small
 
         def opened(name: str) -> DecodeStream:
             return worker.open_stream(
@@ -253,7 +257,10 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
         b.push(frames(9, salt=2))
         for s in (a, b):
             s.end()
-        due["b"] = 1.0  # b's client is about to run dry
+        due.update(a=now + 10.0, b=now + 20.0)  # audio went out: neither is late now
+        for s in (a, b):
+            s.refresh()
+        due["b"] = now + 1.0  # b's client will run dry before a's
         b.refresh()
         engine.gate.set()
         await asyncio.gather(*readers)
@@ -263,6 +270,74 @@ async def test_a_refreshed_deadline_moves_a_session_ahead() -> None:
         assert k >= 2 and names.count("a") >= 2
         assert seen[:k] == [("b", i) for i in range(k)]
         assert names[k:] == ["a"] * (len(seen) - k)
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("patience", "expected"),
+    [
+        # Live first: two passes of it, then one of the late speech request.
+        (2, ["w0", "w0", "s", "w0", "w1", "s", "w1", "w1", "s"]),
+        # No precedence: the late sessions take turns, the live session's two segments
+        # sharing its turns in playback order.
+        (0, ["s", "w0", "s", "w0", "s", "w0", "w1", "w1", "w1"]),
+    ],
+)
+async def test_late_sessions_take_turns_live_first(patience: int, expected: list[str]) -> None:
+    engine = FakeEngine(max_stack=1)
+    worker = await started(engine, max_batch=16, unpaced_patience=patience)
+    try:
+        engine.gate.clear()
+        blocker = worker.open_stream(session_id="z", epoch=0, seq=0, deadline=-1.0)
+        blocker.push(frames(2, salt=9))
+        blocker.end()
+        await until(engine.entered.is_set)
+        now = time.monotonic()
+        speech = worker.open_stream(session_id="s", epoch=0, seq=0, deadline=now - 2.0)
+        live = [
+            worker.open_stream(session_id="w", epoch=0, seq=seq, deadline=now - 1.0, paced=True)
+            for seq in (0, 1)
+        ]
+        readers = [asyncio.create_task(collect(s)) for s in (speech, *live)]
+        for salt, s in enumerate((speech, *live), start=1):
+            s.push(frames(6, salt=salt))  # three chunks each, all of them late
+            s.end()
+        engine.gate.set()
+        await asyncio.gather(*readers)
+        seen = [name for name, _ in order(engine, {1: "s", 2: "w0", 3: "w1", 9: "z"})]
+        assert seen == ["z", *expected]
+    finally:
+        await worker.stop()
+
+
+async def test_late_windows_of_paced_streams_are_counted_with_when_they_came() -> None:
+    engine = FakeEngine(fail=lambda p: p.frames[0][6] == 4)
+    worker = await started(engine)
+    try:
+
+        def segment(name: str, salt: int, deadline: float, paced: bool) -> DecodeStream:
+            s = worker.open_stream(session_id=name, epoch=0, seq=0, deadline=deadline, paced=paced)
+            s.push(frames(9, salt))
+            s.end()
+            return s
+
+        t0 = time.monotonic()
+        late = segment("late", 1, t0 - 1.0, True)  # its client ran dry a second ago
+        ahead = segment("ahead", 2, t0 + 100.0, True)
+        speech = segment("speech", 3, t0 - 1.0, False)  # late too, but not played live
+        failing = segment("failing", 4, t0 - 1.0, True)  # late, but its decode fails
+        for s in (late, ahead, speech):
+            await collect(s)
+        with pytest.raises(DecoderError, match="fake decode failure"):
+            await collect(failing)
+        k = n_chunks(9)
+        assert worker.stats.late_jobs == k
+        t1 = time.monotonic()
+        assert worker.late_since(t0) == k and worker.late_since(t1) == 0
+        await collect(segment("again", 5, t1 - 1.0, True))
+        assert worker.late_since(t1) == k and worker.late_since(t0) == 2 * k
+        assert worker.stats.late_jobs == 2 * k
     finally:
         await worker.stop()
 
