@@ -26,7 +26,9 @@ from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from gateway.clock import monotonic
 from gateway.config import Endpoint, Settings
+from gateway.core.capacity import Signals
 from gateway.errors import ServeError
 from gateway.llm import ChatLLM
 from gateway.server.app import Services, ServicesFactory
@@ -287,7 +289,13 @@ async def real_services(
             simulated=simulated,
             decode_cost=cost,
             upstream_slots=vllm.max_concurrent_requests * len(vllm.endpoint_list),
+            signals=functools.partial(_signals, worker, settings),
         )
+
+
+def _signals(worker: DecodeWorker, settings: Settings) -> Signals:
+    hold = settings.gateway.limits.capacity_hold_ms / 1000.0
+    return Signals(late_windows=worker.late_since(monotonic() - hold))
 
 
 def _install_metrics(metrics: Metrics, pool: UpstreamPool, worker: DecodeWorker) -> None:
@@ -308,6 +316,7 @@ def _install_metrics(metrics: Metrics, pool: UpstreamPool, worker: DecodeWorker)
             "utilisation": float(s.utilisation),
             "decode_seconds_per_audio_second": float(s.decode_seconds_per_audio_second),
             "mean_batch_size": float(s.mean_batch_size),
+            "late_windows": float(s.late_jobs),
         }
 
     metrics.add_callback(upstream, "voicegw_upstream", "Upstream pool")

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from gateway.config import LLMSettings, load_settings
+from gateway.core.capacity import Signals
+from gateway.decoder.snac_model import LoadedModel
 from gateway.errors import ServeError
-from gateway.server.services import DemoUpstream, bind_listen_socket
+from gateway.server.metrics import Metrics
+from gateway.server.services import DemoUpstream, bind_listen_socket, real_services
 
 
 def stub_python(tmp_path: Path, body: str) -> str:
@@ -95,3 +98,32 @@ def test_an_address_not_on_this_host_is_a_serve_error_naming_it() -> None:
     # 192.0.2.1 is TEST-NET-1: never a local address, and no DNS lookup to wait for.
     with pytest.raises(ServeError, match=r"cannot listen on 192\.0\.2\.1:0: Cannot assign"):
         bind_listen_socket("192.0.2.1", 0)
+
+
+@pytest.mark.anyio
+async def test_real_services_measure_the_decoder_and_report_its_late_windows(
+    snac_model: LoadedModel,
+) -> None:
+    settings = load_settings(
+        env={},
+        overrides={"vllm.endpoints": [{"host": "127.0.0.1", "port": 9}] * 2,
+                   "vllm.max_concurrent_requests": 3},
+    )  # fmt: skip
+    async with real_services(settings, Metrics(), model=snac_model) as services:
+        # What capacity-aware admission starts from: the steady-state cost of one stream,
+        # the upstream slots of every endpoint, and the decoder's late windows (none yet).
+        assert services.decode_cost is not None and services.decode_cost > 0
+        assert services.upstream_slots == 6
+        assert services.signals is not None
+        assert services.signals() == Signals(late_windows=0)
+
+
+@pytest.mark.anyio
+async def test_a_fake_engine_is_not_measured(snac_model: LoadedModel) -> None:
+    from tests.decoder.fakes import FakeEngine
+
+    settings = load_settings(env={}, overrides={})
+    async with real_services(
+        settings, Metrics(), model=snac_model, engine=FakeEngine()
+    ) as services:
+        assert services.decode_cost is None
