@@ -149,6 +149,9 @@ async def test_a_draining_gateway_refuses_new_work_with_503_and_retry_after() ->
             async with connect(served.ws_url + "/v1/tts/stream"):
                 pass
         assert gw.sessions.active == 0
+        async with httpx.AsyncClient(base_url=served.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+    assert 'voicegw_errors_total{code="draining"} 2.0' in metrics
     assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "draining"})
     assert health.status_code == 200  # alive: a supervisor must not kill it mid-drain
     assert speech.status_code == 503 and speech.headers["retry-after"] == "1"
@@ -446,4 +449,25 @@ async def test_a_short_drain_timeout_cuts_a_long_turn_with_1001(
     assert heard.close == (1001, "draining")
     assert rc == -signal.SIGTERM, log
     assert "drain timeout (0.3 s): closing 1 WebSocket sessions (1 in a turn)" in log
+    assert "Traceback" not in log
+
+
+async def test_a_second_sigterm_skips_the_drain(tmp_path: Path, snac_weights: Path) -> None:
+    long_turn = [f"Sentence number {i} of a turn far longer than the test." for i in range(8)]
+    with voicegw_serve(tmp_path, snac_weights, drain_timeout_ms=600_000) as gw:
+        async with connect(gw.ws, max_size=None) as ws:
+            heard = await read(ws, Session(), until="session.ready")
+            await speak(ws, long_turn)
+            await read(ws, heard, until="audio")
+            gw.proc.send_signal(signal.SIGTERM)
+            await readyz_draining(gw.port)
+            gw.proc.send_signal(signal.SIGTERM)
+            await read(ws, heard)
+        rc = await asyncio.to_thread(gw.proc.wait, 60)
+        log = gw.log.read_text(errors="replace")
+    # uvicorn's shutdown, as without a drain: the session is closed with 1012 mid-turn.
+    assert not heard.of("turn.done") and not heard.of("error")
+    assert heard.close[0] == 1012
+    assert rc == -signal.SIGTERM, log
+    assert "drain skipped (a second signal): shutting down now" in log
     assert "Traceback" not in log
