@@ -299,8 +299,10 @@ class SessionDriver:
     @property
     def in_turn(self) -> bool:
         """A turn of this session is in progress: it has started work (a segment or a
-        chat reply) and its ``turn.done`` has not gone out yet. (Text the segmenter still
-        holds, before its first segment is cut, does not count: no work has started.)"""
+        chat reply) and its ``turn.done`` has not gone out yet. A turn whose text has not
+        started any work yet (still in the segmenter, before its first cut; or every
+        segment of it held back by the rate limit) does not count: nothing of it would be
+        lost but the text, which the client still has."""
         return bool(self._turns)
 
     @property
