@@ -137,6 +137,9 @@ class ServerSettings:
     shutdown_timeout_ms: int = _f(
         5_000, lo=0, hi=600_000, doc="at shutdown, then running sessions are cancelled"
     )
+    drain_timeout_ms: int = _f(
+        20_000, lo=0, hi=3_600_000, doc="on SIGTERM, live turns may finish within; then 1001"
+    )
 
 
 @dataclass(frozen=True, slots=True)

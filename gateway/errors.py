@@ -29,6 +29,8 @@ class ErrorCode(StrEnum):
     TOO_MANY_SESSIONS = "too_many_sessions"
     AT_CAPACITY = "at_capacity"
     SLOW_CLIENT = "slow_client"
+    # The gateway is shutting down (SIGTERM): new work is refused, a session ends after its turn.
+    DRAINING = "draining"
     # HTTP only.
     BODY_TOO_LARGE = "body_too_large"
     REQUEST_TIMEOUT = "request_timeout"

@@ -30,17 +30,19 @@ from gateway.core.tokens import VOICES
 from gateway.errors import ErrorCode
 from gateway.llm import ChatLLM
 from gateway.server.admit import Admission, Slot, capacity_policy, sample
+from gateway.server.drain import Drain
 from gateway.server.driver import SessionDriver, Synthesizer
 from gateway.server.listener import install_log_filters
 from gateway.server.metrics import Metrics
 from gateway.server.security import KeyChecker, OriginPolicy, Principal, SessionLimiter
 from gateway.server.session import (
+    CLOSE_GOING_AWAY,
     CLOSE_TRY_LATER,
     Outbox,
     RunnerLimits,
     run_session,
 )
-from gateway.server.speech import openai_error, speech
+from gateway.server.speech import draining_error, openai_error, speech
 
 log = logging.getLogger("voicegw.app")
 
@@ -112,7 +114,12 @@ class Gateway:
             Capacity(capacity_policy(settings)), wait_s=lim.admission_wait_ms / 1000.0
         )
         self.drivers: set[SessionDriver] = set()
+        self.streams: set[SessionDriver] = set()
+        """The WebSocket sessions' drivers (``drivers`` has the speech requests' too)."""
         self.clock = time.monotonic
+        self.drain = Drain()
+        """Set on SIGTERM (gateway.server.drain): refuse new work, end sessions after
+        their turn."""
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
         self.metrics.add_callback(self._capacity, "voicegw_capacity", "Capacity")
 
@@ -183,6 +190,7 @@ class Gateway:
         idle_ok: Callable[[], bool] = lambda: True,
         paced: bool = True,
         tick_interval_s: float | None = None,
+        draining: Callable[[], bool] = lambda: False,
     ) -> SessionDriver:  # fmt: skip
         assert self.services is not None
         chat = self.services.chat
@@ -203,6 +211,7 @@ class Gateway:
             idle_ok=idle_ok,
             paced=paced,
             tick_interval_s=tick_interval_s,
+            draining=draining,
         )
 
 
@@ -225,6 +234,10 @@ async def _deny(ws: WebSocket, response: Response) -> NoReturn:
 
 async def ws_stream(ws: WebSocket) -> None:
     gw = _gw(ws)
+    if gw.drain.active:
+        gw.metrics.refusals.labels("draining").inc()
+        gw.metrics.errors.labels(ErrorCode.DRAINING.value).inc()
+        await _deny(ws, draining_error("sessions"))
     origin = ws.headers.get("origin")
     if not gw.origins.allows(origin, ws.headers.get("host"), ws.url.scheme):
         gw.metrics.errors.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
@@ -284,19 +297,23 @@ async def _serve_ws(gw: Gateway, ws: WebSocket, principal: Principal) -> None:
     def make_driver(outbox: Outbox) -> SessionDriver:
         driver = gw.new_driver(
             session_id, outbox.put, outbox.purge, idle_ok=lambda: not outbox.queued_bytes,
-            tick_interval_s=limits.tick_interval_s,
+            tick_interval_s=limits.tick_interval_s, draining=lambda: gw.drain.active,
         )  # fmt: skip
         holder.append(driver)
         drivers.add(driver)
+        gw.streams.add(driver)
         return driver
 
     try:
-        code = await run_session(ws, make_driver, limits)
+        code = await run_session(ws, make_driver, limits, gw.drain.expired)
         if code >= 4000:
             gw.metrics.errors.labels(ErrorCode.SLOW_CLIENT.value).inc()
+        elif code == CLOSE_GOING_AWAY:
+            gw.metrics.errors.labels(ErrorCode.DRAINING.value).inc()
     finally:
         for d in holder:
             drivers.discard(d)
+            gw.streams.discard(d)
         gw.metrics.sessions_active.dec()
 
 
@@ -318,6 +335,10 @@ async def readyz(request: Request) -> Response:
     and ports, decoder state) only for a caller with a valid key, or when there are no keys
     (no auth at all): they map the deployment for anyone who can reach the port."""
     gw = _gw(request)
+    if gw.drain.active:
+        # First, and without asking the services: a load balancer must stop sending new
+        # sessions here at once, however healthy the upstreams are.
+        return JSONResponse({"ready": False, "reason": ErrorCode.DRAINING.value}, status_code=503)
     if gw.services is None:
         detail: dict[str, Any] = {"ready": False}
     elif gw.services.readiness is None:

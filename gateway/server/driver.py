@@ -27,7 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.core.protocol import Action, CancelWork, Outgoing, SessionProtocol, StartChat
+from gateway.core.protocol import (
+    Action,
+    CancelWork,
+    Outgoing,
+    ServerEvent,
+    SessionProtocol,
+    StartChat,
+)
 from gateway.errors import BufferOverflowError, ErrorCode, GatewayError
 from gateway.llm import ChatLLM
 from gateway.vocab import (
@@ -50,6 +57,7 @@ INBOX_SIZE = 256
 """Events a session may have queued before its producers wait."""
 
 IDLE = "idle_timeout"
+DRAINING = "draining"
 
 # ----------------------------------------------------------------------------------------
 # Events (what producers put in the inbox)
@@ -123,9 +131,14 @@ class Tick:
     """Time passed: idle flush, rate-limited segments, the idle timeout."""
 
 
+@dataclass(frozen=True, slots=True)
+class DrainStarted:
+    """The gateway began to drain: a session with no turn in progress ends now."""
+
+
 Event = (
     ClientText | ClientBytes | Audio | Frames | Retract | SegmentDone | LlmDelta | LlmDone
-    | Drained | Tick
+    | Drained | Tick | DrainStarted
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------------------
@@ -243,6 +256,7 @@ class SessionDriver:
         paced: bool = True,
         tick_interval_s: float | None = None,
         inbox_size: int = INBOX_SIZE,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.protocol = protocol
         self.paced = paced
@@ -257,6 +271,11 @@ class SessionDriver:
         # asks again). Work already running is not held back.
         self._may_start = may_start
         self._idle_ok = idle_ok  # nothing left for the client: an idle session may end
+        # The gateway is draining: end the session once no turn is in progress.
+        self._draining = draining
+        # Turns that started work (a segment job or a chat reply) and have not had their
+        # turn.done: what the protocol hands out says when a turn is in progress.
+        self._turns: set[int] = set()
         self._tick_interval_s = tick_interval_s
         self.inbox: asyncio.Queue[Event] = asyncio.Queue(maxsize=inbox_size)
         self._pending: deque[SegmentJob] = deque()
@@ -276,6 +295,15 @@ class SessionDriver:
     @property
     def inflight(self) -> int:
         return len(self._running)
+
+    @property
+    def in_turn(self) -> bool:
+        """A turn of this session is in progress: it has started work (a segment or a
+        chat reply) and its ``turn.done`` has not gone out yet. A turn whose text has not
+        started any work yet (still in the segmenter, before its first cut; or every
+        segment of it held back by the rate limit) does not count: nothing of it would be
+        lost but the text, which the client still has."""
+        return bool(self._turns)
 
     @property
     def tasks(self) -> int:
@@ -317,13 +345,17 @@ class SessionDriver:
         await self.inbox.put(event)
 
     async def run(self) -> str:
-        """Drive the session until it is idle (returns :data:`IDLE`) or cancelled."""
+        """Drive the session until it is idle (returns :data:`IDLE`), the gateway drains
+        and no turn is in progress (:data:`DRAINING`: everything of the last turn, its
+        ``turn.done`` included, has been handed to ``send``), or it is cancelled."""
         if self._tick_interval_s is not None and self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(
                 self._tick(self._tick_interval_s), name=f"tick-{self.protocol.session_id}"
             )
         self.flush()
         while True:
+            if self._draining() and not self._turns:
+                return DRAINING
             event = await self.inbox.get()
             self.handle(event)
             self.flush()
@@ -361,7 +393,8 @@ class SessionDriver:
             p.llm_done(event.epoch, event.turn, event.error)
         elif isinstance(event, Tick):
             p.tick()
-        # Drained: nothing to feed; flush() starts what may start now.
+        # Drained: nothing to feed; flush() starts what may start now. DrainStarted: run()
+        # looks at the drain after every event.
 
     def flush(self) -> None:
         """Send what the protocol handed back, act on what it asked for, push deadlines."""
@@ -380,6 +413,9 @@ class SessionDriver:
                         # Playback (as the client hears it) starts with this audio.
                         self._first_audio_at = self._clock()
                         self._first_audio_samples = p.samples_sent - audio // 2
+                for o in out:
+                    if isinstance(o.data, ServerEvent) and o.data.type == "turn.done":
+                        self._turns.discard(o.data.fields["turn"])
                 self._send(out)
         self._start_ready()
         head = p.head_seq
@@ -441,11 +477,14 @@ class SessionDriver:
 
     def _act(self, act: Action) -> None:
         if isinstance(act, SegmentJob):
+            self._turns.add(act.turn)
             self._pending.append(act)
         elif isinstance(act, CancelWork):
+            self._turns.clear()  # an interrupt ends every turn (no turn.done follows)
             self._cancel_before(act.epoch)
             self._purge(act.epoch)
         elif isinstance(act, StartChat):
+            self._turns.add(act.turn)
             self._start_chat(act)
 
     def _start_ready(self) -> None:

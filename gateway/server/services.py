@@ -344,7 +344,8 @@ def run_server(settings: Settings) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         # SIGINT and SIGTERM as an exception, so that every ``finally`` (the demo's child
-        # process) runs; uvicorn re-raises them here after its graceful shutdown.
+        # process) runs; uvicorn re-raises them here after its graceful shutdown (after the
+        # drain, for a SIGTERM: gateway.server.drain).
         caught.append(signum)
         raise SystemExit(128 + signum)
 
@@ -392,6 +393,7 @@ def _serve(
     import uvicorn
 
     from gateway.server.app import create_app
+    from gateway.server.drain import DrainingServer
     from gateway.server.listener import server_options
 
     interval = settings.gateway.decoder.switch_interval_ms
@@ -410,7 +412,9 @@ def _serve(
         # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.server.listener).
         **server_options(settings),
     )
-    server = uvicorn.Server(config)
+    # The first SIGTERM drains (live turns end whole, server.drain_timeout_ms at most), then
+    # uvicorn shuts down as before; a second SIGTERM or a SIGINT skips the drain.
+    server = DrainingServer(config)
     lost: list[int] = []
     if child is not None:
 

@@ -25,11 +25,13 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from gateway.core.protocol import Outgoing, ServerEvent
-from gateway.server.driver import IDLE, ClientBytes, ClientText, SessionDriver
+from gateway.errors import ErrorCode
+from gateway.server.driver import DRAINING, IDLE, ClientBytes, ClientText, SessionDriver
 
 log = logging.getLogger("voicegw.session")
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
@@ -40,6 +42,11 @@ CLOSE_SLOW_CLIENT = 4008
 
 
 IDLE_REASON = IDLE
+
+DRAIN_MESSAGE = "the gateway is restarting: the session ends after its last turn; reconnect"
+DRAIN_CUT_MESSAGE = (
+    "the gateway is restarting and its drain timeout has passed: the turn in progress was cut"
+)
 
 # Close codes the WebSocket layer uses when the client broke the protocol, and what to call
 # each kind in the log.
@@ -118,6 +125,10 @@ class SlowClientError(Exception):
     """The client stopped reading: its outbox is over the byte limit."""
 
 
+class OutboxClosed(Exception):
+    """Everything put before :meth:`Outbox.close` has been taken: nothing more will come."""
+
+
 class Outbox:
     """Bounded queue of frames for one client.
 
@@ -132,6 +143,7 @@ class Outbox:
         self._bytes = 0
         self._wake = asyncio.Event()
         self.overflowed = False
+        self.closed = False
 
     @property
     def queued_bytes(self) -> int:
@@ -152,10 +164,17 @@ class Outbox:
         self._q = kept
         self._bytes = sum(n for _, n in kept)
 
+    def close(self) -> None:
+        """No more items: once the queued ones are taken, :meth:`get` raises OutboxClosed."""
+        self.closed = True
+        self._wake.set()
+
     async def get(self) -> Outgoing:
         while not self._q:
             if self.overflowed:
                 raise SlowClientError
+            if self.closed:
+                raise OutboxClosed
             self._wake.clear()
             await self._wake.wait()
         if self.overflowed:
@@ -174,17 +193,29 @@ class RunnerLimits:
     """How long the close frame may wait for the socket before the session lets go."""
 
 
+def _drain_error(message: str) -> ServerEvent:
+    return ServerEvent("error", {"code": ErrorCode.DRAINING.value, "message": message})
+
+
 async def run_session(
     ws: WebSocket,
     make_driver: Callable[[Outbox], SessionDriver],
     limits: RunnerLimits,
+    drain_expired: asyncio.Event | None = None,
 ) -> int:
-    """Serve one accepted WebSocket until either side ends it. Returns the close code."""
+    """Serve one accepted WebSocket until either side ends it. Returns the close code.
+
+    Draining (the driver's ``run`` returns :data:`DRAINING` once no turn is in progress):
+    the outbox is sent to the end, the last turn's audio and ``turn.done`` included, then
+    an ``error`` (``draining``), then close 1001 ``draining``. When ``drain_expired`` is
+    set (the drain timeout passed), the session ends at once, with that error and close
+    too, whatever it was doing."""
     outbox = Outbox(limits.outbound_queue_bytes)
     driver = make_driver(outbox)
     protocol = driver.protocol
     close_code = CLOSE_NORMAL
     close_reason = ""
+    farewell: ServerEvent | None = None  # for a session cut off by the drain timeout
 
     async def receiver() -> None:
         nonlocal close_code
@@ -210,6 +241,8 @@ async def run_session(
             except SlowClientError:
                 close_code, close_reason = CLOSE_SLOW_CLIENT, "slow_client: outbox full"
                 return
+            except OutboxClosed:
+                return
             try:
                 async with asyncio.timeout(limits.slow_client_timeout_s):
                     if isinstance(item.data, bytes):
@@ -225,10 +258,27 @@ async def run_session(
                 return
 
     async def drive() -> None:
-        nonlocal close_reason
+        nonlocal close_code, close_reason
         # It returns when the session is idle: no client message and no work for
-        # idle_timeout, and nothing left to send.
-        close_reason = await driver.run()
+        # idle_timeout, and nothing left to send; or when the gateway drains and no turn
+        # is in progress.
+        reason = await driver.run()
+        if reason != DRAINING:
+            close_reason = reason
+            return
+        close_code, close_reason = CLOSE_GOING_AWAY, DRAINING
+        outbox.put([Outgoing(_drain_error(DRAIN_MESSAGE))])
+        outbox.close()
+        # The session ends when the sender has sent all of it (or gave up on a slow
+        # client, whose 4008 then stands).
+        await asyncio.wait([tasks[1]])
+
+    async def cut_off(expired: asyncio.Event) -> None:
+        nonlocal close_code, close_reason, farewell
+        await expired.wait()
+        if close_reason != DRAINING:  # not already saying goodbye after its last turn
+            farewell = _drain_error(DRAIN_CUT_MESSAGE)
+        close_code, close_reason = CLOSE_GOING_AWAY, DRAINING
 
     protocol.start()
     tasks = [
@@ -236,6 +286,10 @@ async def run_session(
         asyncio.create_task(sender(), name=f"ws-send-{protocol.session_id}"),
         asyncio.create_task(drive(), name=f"ws-drive-{protocol.session_id}"),
     ]
+    if drain_expired is not None:
+        tasks.append(
+            asyncio.create_task(cut_off(drain_expired), name=f"ws-cut-{protocol.session_id}")
+        )
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
@@ -254,5 +308,7 @@ async def run_session(
             # time, then let go (the server closes the socket; see README "Close codes").
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(limits.close_timeout_s):
+                    if farewell is not None:
+                        await ws.send_text(render(farewell))
                     await ws.close(close_code, close_reason)
     return close_code

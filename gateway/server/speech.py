@@ -29,6 +29,7 @@ from gateway.core.capacity import Kind, Refusal
 from gateway.core.tokens import resolve_voice
 from gateway.errors import ErrorCode, GatewayError, ProtocolError
 from gateway.server.admit import Slot
+from gateway.server.drain import RETRY_AFTER_S
 from gateway.server.driver import Drained, SessionDriver
 from gateway.server.listener import cut_off_response
 from gateway.server.security import Principal
@@ -56,24 +57,32 @@ TICK_INTERVAL_S = 0.1
 
 
 def openai_error(
-    status: int,
-    message: str,
-    code: str,
-    param: str | None = None,
-    *,
-    close: bool = False,
+    status: int, message: str, code: str, param: str | None = None, *, close: bool = False,
     retry_after_s: float | None = None,
-) -> JSONResponse:
+) -> JSONResponse:  # fmt: skip
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    headers = {}
+    headers: dict[str, str] = {}
     if close:
-        # After a refused body: uvicorn then drops the connection instead of reading
-        # (and discarding) the rest of an oversized upload.
+        # ``connection: close`` after a refused body: uvicorn then drops the connection
+        # instead of reading (and discarding) the rest of an oversized upload.
         headers["connection"] = "close"
     if retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(retry_after_s)))  # whole seconds
     return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def draining_error(what: str, *, close: bool = False) -> JSONResponse:
+    """503 ``draining`` with ``Retry-After``: new work while the gateway drains for a
+    restart (gateway.server.drain)."""
+    return openai_error(
+        503,
+        f"the gateway is shutting down for a restart and takes no new {what}; retry "
+        "(behind a load balancer the retry goes to another instance)",
+        ErrorCode.DRAINING,
+        close=close,
+        retry_after_s=RETRY_AFTER_S,
+    )
 
 
 def wav_header() -> bytes:
@@ -240,6 +249,11 @@ async def _admit(
     gw: Gateway, request: Request
 ) -> JSONResponse | tuple[SpeechRequest, Principal, Slot]:
     """Key, body, fields and a session slot; an error response if any of them fails."""
+    if gw.drain.active:
+        # Before the body: a request refused for the restart is not worth reading.
+        gw.metrics.refusals.labels("draining").inc()
+        gw.metrics.errors.labels(ErrorCode.DRAINING.value).inc()
+        return draining_error("requests", close=True)
     principal = gw.keys.check(request.headers, request.query_params)
     if principal is None:
         return openai_error(401, "missing or invalid API key", ErrorCode.UNAUTHORIZED)
