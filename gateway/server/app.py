@@ -39,6 +39,7 @@ from gateway.server.session import (
     run_session,
 )
 from gateway.server.speech import openai_error, speech
+from gateway.server.table import WorkerSlot, accept_policy
 
 log = logging.getLogger("voicegw.app")
 
@@ -89,20 +90,69 @@ def protocol_options(
 
 
 class Gateway:
-    """Per-app state: settings, services, limits, metrics."""
+    """Per-app state: settings, services, limits, metrics.
 
-    def __init__(self, settings: Settings, factory: ServicesFactory) -> None:
+    ``table``: this worker's row of the session table shared by worker processes
+    (``voicegw serve --workers N``); None when this process serves alone."""
+
+    def __init__(
+        self, settings: Settings, factory: ServicesFactory, *, table: WorkerSlot | None = None
+    ) -> None:
         self.settings = settings
         self.factory = factory
-        self.metrics = Metrics()
+        self.table = table
+        self.metrics = Metrics(worker=None if table is None else table.index)
         self.services: Services | None = None
         self.keys = KeyChecker(settings.api_keys())
         self.origins = OriginPolicy(settings.gateway.auth.allowed_origins)
         lim = settings.gateway.limits
-        self.sessions = SessionLimiter(lim.max_sessions, lim.max_sessions_per_key)
+        self.sessions = SessionLimiter(
+            lim.max_sessions,
+            lim.max_sessions_per_key,
+            table=table,
+            on_refuse=lambda reason: self.metrics.refusals.labels(reason).inc(),
+        )
         self.drivers: set[SessionDriver] = set()
         self.clock = time.monotonic
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
+        self.metrics.add_callback(
+            self._worker_gauges,
+            "voicegw_worker",
+            "This worker process",
+            per_worker=("capacity", "sessions", "reserved"),
+        )
+
+    def local_capacity(self) -> int:
+        """Sessions this process should hold before the others take new connections: its
+        share of ``max_sessions`` (all of it when it serves alone)."""
+        workers = 1 if self.table is None else self.table.workers
+        return max(1, self.settings.gateway.limits.max_sessions // workers)
+
+    def should_accept(self) -> bool:
+        """Whether this worker should accept connections now (always, serving alone):
+        not while it is full and another worker has room (``table.accept_policy``)."""
+        if self.table is None:
+            return True
+        # Published on every check: a worker not (or no longer) serving has no room.
+        self.table.set_capacity(self.local_capacity() if self.services is not None else 0)
+        return accept_policy(self.table.rows(), self.table.index)
+
+    def _worker_gauges(self) -> dict[str, float]:
+        row = None if self.table is None else self.table.row
+        return {
+            # 0 until the services are up (and again once they are stopping), as published.
+            "capacity": float(self.local_capacity() if self.services is not None else 0),
+            "sessions": float(self.sessions.active),
+            "reserved": float(0 if row is None else row.reserved),
+        }
+
+    async def tick(self, interval_s: float = 0.5) -> None:
+        """Worker processes only: sample the callback gauges for the other workers'
+        scrapes, and keep this worker's capacity in the table current."""
+        while True:
+            self.metrics.sample()
+            self.should_accept()
+            await asyncio.sleep(interval_s)
 
     def _gauges(self) -> dict[str, float]:
         try:
@@ -296,19 +346,29 @@ async def metrics(request: Request) -> Response:
 
 
 def create_app(
-    settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
+    settings: Settings,
+    factory: ServicesFactory,
+    *,
+    web_dir: Path | None = None,
+    table: WorkerSlot | None = None,
 ) -> Starlette:
-    gw = Gateway(settings, factory)
+    gw = Gateway(settings, factory, table=table)
     install_log_filters()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with factory(settings, gw.metrics) as services:
             gw.services = services
+            ticker = None if table is None else asyncio.create_task(gw.tick(), name="gw-tick")
             try:
                 yield
             finally:
                 gw.services = None
+                if ticker is not None:
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
+                    gw.should_accept()  # publishes capacity 0: stopping
 
     routes: list[BaseRoute] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),
