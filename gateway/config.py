@@ -137,6 +137,9 @@ class ServerSettings:
     shutdown_timeout_ms: int = _f(
         5_000, lo=0, hi=600_000, doc="at shutdown, then running sessions are cancelled"
     )
+    workers: int = _f(
+        1, lo=0, hi=256, doc="worker processes on the one port; 0 = one per usable CPU core"
+    )
 
 
 @dataclass(frozen=True, slots=True)
