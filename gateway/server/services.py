@@ -193,27 +193,26 @@ class DemoWiring:
     pid: int | None = None
 
 
-def share(total: int, workers: int, index: int, minimum: int) -> int:
-    """Worker ``index``'s part of ``total`` split among ``workers``: equal parts, the
-    remainder one each to the lowest indexes, and never less than ``minimum``."""
-    base, extra = divmod(total, workers)
-    return max(minimum, base + (1 if index % workers < extra else 0))
+def share(total: int, workers: int, minimum: int) -> int:
+    """Each worker's part of ``total`` split among ``workers``: the same for all (a
+    remainder is left unused, so the total is never exceeded), and at least ``minimum``."""
+    return max(minimum, total // workers)
 
 
-def worker_share(settings: Settings, index: int, workers: int) -> Settings:
-    """The settings of worker ``index`` of ``workers``: what each worker process owns for
+def worker_share(settings: Settings, workers: int) -> Settings:
+    """The settings of one of ``workers`` worker processes: what each process owns for
     itself is divided so that the totals stay as configured. Per vLLM endpoint, requests
     in flight (at least 1 each) and the wait queue; and, when ``decoder.threads`` is 0
     (torch's default: every core), torch's threads, so N workers do not run N x cores."""
     vllm = dataclasses.replace(
         settings.vllm,
-        max_concurrent_requests=share(settings.vllm.max_concurrent_requests, workers, index, 1),
-        request_queue_size=share(settings.vllm.request_queue_size, workers, index, 0),
+        max_concurrent_requests=share(settings.vllm.max_concurrent_requests, workers, 1),
+        request_queue_size=share(settings.vllm.request_queue_size, workers, 0),
     )
     decoder = settings.gateway.decoder
     if decoder.threads == 0:
         cores = len(os.sched_getaffinity(0))
-        decoder = dataclasses.replace(decoder, threads=max(1, cores // workers))
+        decoder = dataclasses.replace(decoder, threads=share(cores, workers, 1))
     gateway = dataclasses.replace(settings.gateway, decoder=decoder)
     return dataclasses.replace(settings, vllm=vllm, gateway=gateway)
 
@@ -240,7 +239,7 @@ async def real_services(
     from gateway.upstream.pool import UpstreamPool
 
     if seat is not None:
-        settings = worker_share(settings, *seat)
+        settings = worker_share(settings, seat[1])
     vllm = settings.vllm
     llm = settings.gateway.llm
     async with contextlib.AsyncExitStack() as stack:

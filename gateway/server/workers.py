@@ -271,8 +271,8 @@ class BalancedAccept(uvicorn.Server):
         self._update_gate()
         srv = self.gateway.settings.gateway.server
         log.info(
-            "worker %d of %d (pid %d) serving on http://%s:%d/, capacity %d sessions",
-            self.slot.index, self.slot.workers, os.getpid(), srv.host, srv.port,
+            "worker %d (pid %d, one of %d) serving on http://%s:%d/, capacity %d sessions",
+            self.slot.index, os.getpid(), self.slot.workers, srv.host, srv.port,
             self.gateway.local_capacity(),
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,12 +27,11 @@ from gateway.server.workers import resolve_workers, settings_from_tree, settings
 from tests.test_cli import alive, children, clean_env, free_port, wait_until
 
 
-def test_a_share_is_an_equal_part_with_the_remainder_to_the_first_workers() -> None:
-    assert [share(4, 2, i, 1) for i in range(2)] == [2, 2]
-    assert [share(5, 3, i, 1) for i in range(3)] == [2, 2, 1]
-    assert [share(4, 8, i, 1) for i in range(8)] == [1] * 8  # at least one each
-    assert [share(3, 4, i, 0) for i in range(4)] == [1, 1, 1, 0]
-    assert sum(share(10, 3, i, 0) for i in range(3)) == 10
+def test_a_share_is_an_equal_part_never_more_than_the_total_but_at_least_the_minimum() -> None:
+    assert share(4, 2, 1) == 2
+    assert share(5, 2, 1) == 2  # the remainder is left unused: vLLM is never oversubscribed
+    assert share(4, 8, 1) == 1  # ... except that each worker gets at least one
+    assert share(3, 4, 0) == 0
 
 
 def test_each_worker_takes_its_share_of_the_upstream_limits() -> None:
@@ -41,16 +41,14 @@ def test_each_worker_takes_its_share_of_the_upstream_limits() -> None:
         overrides={"vllm.max_concurrent_requests": 5, "vllm.request_queue_size": 3,
                    "decoder.threads": 0},
     )  # fmt: skip
-    mine = [worker_share(s, i, 2) for i in range(2)]
-    assert [m.vllm.max_concurrent_requests for m in mine] == [3, 2]
-    assert [m.vllm.request_queue_size for m in mine] == [2, 1]
-    cores = len(os.sched_getaffinity(0))
-    assert {m.gateway.decoder.threads for m in mine} == {max(1, cores // 2)}
+    mine = worker_share(s, 2)
+    assert (mine.vllm.max_concurrent_requests, mine.vllm.request_queue_size) == (2, 1)
+    assert mine.gateway.decoder.threads == max(1, len(os.sched_getaffinity(0)) // 2)
     # Sessions stay global (the session table), so they are not divided.
-    assert mine[0].gateway.limits == s.gateway.limits
+    assert mine.gateway.limits == s.gateway.limits
     pinned = dataclasses.replace(s.gateway.decoder, threads=3)
     s3 = dataclasses.replace(s, gateway=dataclasses.replace(s.gateway, decoder=pinned))
-    assert worker_share(s3, 1, 2).gateway.decoder.threads == 3  # set by hand: kept
+    assert worker_share(s3, 2).gateway.decoder.threads == 3  # set by hand: kept
 
 
 def test_settings_reach_a_worker_unchanged() -> None:
@@ -198,8 +196,20 @@ def test_two_workers_share_the_port_the_limits_and_one_scrape(tmp_path: Path) ->
         assert not shared.parent.exists()  # the table and the metrics files are gone
 
 
-def test_a_dead_worker_is_replaced_and_sigint_stops_them_all(tmp_path: Path) -> None:
+def test_reservations_a_dead_worker_replaced_and_sigint_stopping_them_all(
+    tmp_path: Path,
+) -> None:
     with serving_workers(tmp_path) as (gw, port, workers, fake):
+
+        def reserved() -> float:
+            # The scrape's own connection is reserved too, until its response starts.
+            return sum(per_worker(scrape(port), "voicegw_worker_reserved").values())
+
+        # A connection counts from its accept until its first answer, or until it closes.
+        with socket.create_connection(("127.0.0.1", port)):
+            wait_until(lambda: reserved() == 2, 30, "the idle connection to be reserved")
+        wait_until(lambda: reserved() == 1, 30, "its reservation to be given back")
+
         os.kill(workers[0], signal.SIGKILL)
         wait_until(
             lambda: len([p for p, c in children(gw.pid).items()
