@@ -189,10 +189,12 @@ def test_two_workers_share_the_port_the_limits_and_one_scrape(tmp_path: Path) ->
                 30,
                 "the per-worker sessions to add up",
             )
+        everyone = [*children(gw.pid)]  # workers, the fake vLLM, multiprocessing's tracker
         gw.send_signal(signal.SIGTERM)
         # As a single process does: it dies of the signal once everything it owns stopped.
         assert gw.wait(timeout=60) == -signal.SIGTERM
         assert not any(alive(pid) for pid in [*workers, fake])
+        wait_until(lambda: not any(map(alive, everyone)), 30, "no process left behind")
         assert not shared.parent.exists()  # the table and the metrics files are gone
 
 
@@ -224,6 +226,16 @@ def test_reservations_a_dead_worker_replaced_and_sigint_stopping_them_all(
             "the replacement to serve",
         )
         now = [p for p, c in children(gw.pid).items() if "multiprocessing.spawn" in c]
+        everyone = [*children(gw.pid)]
         gw.send_signal(signal.SIGINT)
         assert gw.wait(timeout=60) == -signal.SIGINT
         assert not any(alive(pid) for pid in [*now, fake])
+        wait_until(lambda: not any(map(alive, everyone)), 30, "no process left behind")
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    with serving_workers(tmp_path) as (gw, *_):
+        everyone = [*children(gw.pid)]
+        gw.kill()  # no signal handling, no clean-up: only the parent-death signals are left
+        gw.wait(timeout=30)
+        wait_until(lambda: not any(map(alive, everyone)), 60, "the orphaned workers to exit")
