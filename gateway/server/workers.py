@@ -38,7 +38,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +53,7 @@ from gateway.errors import ServeError
 from gateway.server.table import SessionTable, WorkerSlot
 
 if TYPE_CHECKING:
-    from starlette.types import Message, Receive, Scope, Send
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from gateway.server.app import Gateway
     from gateway.server.services import DemoUpstream, DemoWiring
@@ -176,7 +176,7 @@ class _Watched(asyncio.Protocol):
     transport talks to uvicorn's WebSocket protocol directly; by then the app has answered
     and the reservation is gone.)"""
 
-    def __init__(self, inner: asyncio.Protocol, on_lost: Any) -> None:
+    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
         self.inner = inner
         self.on_lost = on_lost
 
@@ -212,7 +212,7 @@ class _ReleaseWhenAnswered:
     _ANSWERS = frozenset({"websocket.accept", "websocket.close", "websocket.http.response.start",
                           "http.response.start"})  # fmt: skip
 
-    def __init__(self, app: Any, release: Any) -> None:
+    def __init__(self, app: ASGIApp, release: Callable[[_Key], None]) -> None:
         self.app = app
         self.release = release
 
