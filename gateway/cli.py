@@ -124,7 +124,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gateway."""
-    extra: dict[str, Any] = {"server.host": args.host, "server.port": args.port}
+    extra: dict[str, Any] = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "server.workers": args.workers,
+    }
     if args.demo:
         extra["gateway.demo"] = True
     settings = _load(args, extra)
@@ -153,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--host", help="listen address (gateway.server.host)")
     p.add_argument("--port", type=int, help="listen port (gateway.server.port)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the port; 0 = one per usable core (gateway.server.workers)",
+    )
     p.add_argument(
         "--demo",
         action="store_true",

@@ -140,6 +140,9 @@ class ServerSettings:
     drain_timeout_ms: int = _f(
         20_000, lo=0, hi=3_600_000, doc="on SIGTERM, live turns may finish within; then 1001"
     )
+    workers: int = _f(
+        1, lo=0, hi=256, doc="worker processes on the one port; 0 = one per usable CPU core"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from gateway.server.session import (
     run_session,
 )
 from gateway.server.speech import draining_error, openai_error, speech
+from gateway.server.table import WorkerSlot, accept_policy
 
 log = logging.getLogger("voicegw.app")
 
@@ -99,17 +100,28 @@ def protocol_options(
 
 
 class Gateway:
-    """Per-app state: settings, services, limits, metrics."""
+    """Per-app state: settings, services, limits, metrics.
 
-    def __init__(self, settings: Settings, factory: ServicesFactory) -> None:
+    ``table``: this worker's row of the session table shared by worker processes
+    (``voicegw serve --workers N``); None when this process serves alone."""
+
+    def __init__(
+        self, settings: Settings, factory: ServicesFactory, *, table: WorkerSlot | None = None
+    ) -> None:
         self.settings = settings
         self.factory = factory
-        self.metrics = Metrics()
+        self.table = table
+        self.metrics = Metrics(worker=None if table is None else table.index)
         self.services: Services | None = None
         self.keys = KeyChecker(settings.api_keys())
         self.origins = OriginPolicy(settings.gateway.auth.allowed_origins)
         lim = settings.gateway.limits
-        self.sessions = SessionLimiter(lim.max_sessions, lim.max_sessions_per_key)
+        self.sessions = SessionLimiter(
+            lim.max_sessions,
+            lim.max_sessions_per_key,
+            table=table,
+            on_refuse=lambda reason: self.metrics.refusals.labels(reason).inc(),
+        )
         self.admission = Admission(
             Capacity(capacity_policy(settings)), wait_s=lim.admission_wait_ms / 1000.0
         )
@@ -156,6 +168,46 @@ class Gateway:
             self.metrics.refusals.labels(got.reason).inc()
             self.metrics.errors.labels(ErrorCode.AT_CAPACITY.value).inc()
         return got
+
+        self.metrics.add_callback(
+            self._worker_gauges,
+            "voicegw_worker",
+            "This worker process",
+            per_worker=("capacity", "sessions", "reserved"),
+        )
+
+    def local_capacity(self) -> int:
+        """Sessions this process should hold before the others take new connections: what
+        it sustains (capacity-aware admission), and no more than it holds now while its
+        admitted sessions miss deadlines."""
+        cap = self.admission.capacity
+        return cap.held if cap.late() and cap.held else cap.sessions
+
+    def should_accept(self) -> bool:
+        """Whether this worker should accept connections now (always, serving alone):
+        not while it is full and another worker has room (``table.accept_policy``)."""
+        if self.table is None:
+            return True
+        # Published on every check: a worker not (or no longer) serving has no room.
+        self.table.set_capacity(self.local_capacity() if self.services is not None else 0)
+        return accept_policy(self.table.rows(), self.table.index)
+
+    def _worker_gauges(self) -> dict[str, float]:
+        row = None if self.table is None else self.table.row
+        return {
+            # 0 until the services are up (and again once they are stopping), as published.
+            "capacity": float(self.local_capacity() if self.services is not None else 0),
+            "sessions": float(self.sessions.active),
+            "reserved": float(0 if row is None else row.reserved),
+        }
+
+    async def tick(self, interval_s: float = 0.5) -> None:
+        """Worker processes only: sample the callback gauges for the other workers'
+        scrapes, and keep this worker's capacity in the table current."""
+        while True:
+            self.metrics.sample()
+            self.should_accept()
+            await asyncio.sleep(interval_s)
 
     def _gauges(self) -> dict[str, float]:
         try:
@@ -392,9 +444,13 @@ async def metrics(request: Request) -> Response:
 
 
 def create_app(
-    settings: Settings, factory: ServicesFactory, *, web_dir: Path | None = None
+    settings: Settings,
+    factory: ServicesFactory,
+    *,
+    web_dir: Path | None = None,
+    table: WorkerSlot | None = None,
 ) -> Starlette:
-    gw = Gateway(settings, factory)
+    gw = Gateway(settings, factory, table=table)
     install_log_filters()
 
     @contextlib.asynccontextmanager
@@ -407,6 +463,7 @@ def create_app(
                     sample(gw.admission, services.signals), name="capacity-sampler"
                 )
             gw.services = services
+            ticker = None if table is None else asyncio.create_task(gw.tick(), name="gw-tick")
             try:
                 yield
             finally:
@@ -415,6 +472,11 @@ def create_app(
                     sampler.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
+                if ticker is not None:
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
+                    gw.should_accept()  # publishes capacity 0: stopping
 
     routes: list[BaseRoute] = [
         WebSocketRoute("/v1/tts/stream", ws_stream),

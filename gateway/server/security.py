@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from gateway.server.table import MAX_SESSIONS, MAX_SESSIONS_PER_KEY, WorkerSlot, key_hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,24 +91,50 @@ class OriginPolicy:
 
 
 class SessionLimiter:
-    """Global and per-key caps on concurrent sessions."""
+    """Global and per-key caps on concurrent sessions.
 
-    def __init__(self, max_sessions: int, max_per_key: int) -> None:
+    With a ``table`` (``voicegw serve --workers N``) the caps are global across worker
+    processes: admission counts every worker's sessions under the table's lock. Without
+    one, this process's own counts are the whole story. ``on_refuse`` hears each refusal's
+    reason (``max_sessions`` or ``max_sessions_per_key``), for the refusal counter."""
+
+    def __init__(
+        self,
+        max_sessions: int,
+        max_per_key: int,
+        *,
+        table: WorkerSlot | None = None,
+        on_refuse: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.max_sessions = max_sessions
         self.max_per_key = max_per_key
+        self._table = table
+        self._on_refuse = on_refuse
         self._total = 0
         self._per_key: dict[str, int] = {}
 
     @property
     def active(self) -> int:
+        """Sessions held in this process."""
         return self._total
 
     def try_acquire(self, principal: Principal) -> str | None:
         """None on success, else why not."""
-        if self._total >= self.max_sessions:
-            return f"the gateway is at its limit of {self.max_sessions} sessions"
         n = self._per_key.get(principal.key_id, 0)
-        if principal is not ANONYMOUS and n >= self.max_per_key:
+        anonymous = principal is ANONYMOUS
+        if self._table is not None:
+            key = None if anonymous else key_hash(principal.key_id)
+            reason = self._table.try_admit(key, self.max_sessions, self.max_per_key)
+        elif self._total >= self.max_sessions:
+            reason = MAX_SESSIONS
+        elif not anonymous and n >= self.max_per_key:
+            reason = MAX_SESSIONS_PER_KEY
+        else:
+            reason = None
+        if reason is not None:
+            self._on_refuse(reason)
+            if reason == MAX_SESSIONS:
+                return f"the gateway is at its limit of {self.max_sessions} sessions"
             return f"this key is at its limit of {self.max_per_key} sessions"
         self._total += 1
         self._per_key[principal.key_id] = n + 1
@@ -119,3 +147,5 @@ class SessionLimiter:
             self._per_key.pop(principal.key_id, None)
         else:
             self._per_key[principal.key_id] = n
+        if self._table is not None:
+            self._table.release(None if principal is ANONYMOUS else key_hash(principal.key_id))

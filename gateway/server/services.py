@@ -195,6 +195,30 @@ class DemoWiring:
     pid: int | None = None
 
 
+def share(total: int, workers: int, minimum: int) -> int:
+    """Each worker's part of ``total`` split among ``workers``: the same for all (a
+    remainder is left unused, so the total is never exceeded), and at least ``minimum``."""
+    return max(minimum, total // workers)
+
+
+def worker_share(settings: Settings, workers: int) -> Settings:
+    """The settings of one of ``workers`` worker processes: what each process owns for
+    itself is divided so that the totals stay as configured. Per vLLM endpoint, requests
+    in flight (at least 1 each) and the wait queue; and, when ``decoder.threads`` is 0
+    (torch's default: every core), torch's threads, so N workers do not run N x cores."""
+    vllm = dataclasses.replace(
+        settings.vllm,
+        max_concurrent_requests=share(settings.vllm.max_concurrent_requests, workers, 1),
+        request_queue_size=share(settings.vllm.request_queue_size, workers, 0),
+    )
+    decoder = settings.gateway.decoder
+    if decoder.threads == 0:
+        cores = len(os.sched_getaffinity(0))
+        decoder = dataclasses.replace(decoder, threads=share(cores, workers, 1))
+    gateway = dataclasses.replace(settings.gateway, decoder=decoder)
+    return dataclasses.replace(settings, vllm=vllm, gateway=gateway)
+
+
 @contextlib.asynccontextmanager
 async def real_services(
     settings: Settings,
@@ -203,16 +227,21 @@ async def real_services(
     model: LoadedModel | None = None,
     demo: DemoWiring | None = None,
     engine: WindowEngine | None = None,
+    seat: tuple[int, int] | None = None,
 ) -> AsyncIterator[Services]:
     """``model``: an already loaded SNAC model (``run_server`` loads it before the server
     starts, so that a missing model is one line, not a lifespan traceback); ``demo``: the
     fake vLLM that ``run_server`` started and pointed ``settings`` at; ``engine``: the
     decode worker's window engine instead of SNAC on ``model`` (tests whose point is the
-    flow, not the audio)."""
+    flow, not the audio); ``seat``: (index, workers) in a worker process, which takes
+    its share of the upstream limits (:func:`worker_share`) and prints the banner only
+    as the first worker."""
     from gateway.decoder.snac_model import load_snac
     from gateway.decoder.worker import DecodeWorker
     from gateway.upstream.pool import UpstreamPool
 
+    if seat is not None:
+        settings = worker_share(settings, seat[1])
     vllm = settings.vllm
     llm = settings.gateway.llm
     async with contextlib.AsyncExitStack() as stack:
@@ -267,10 +296,13 @@ async def real_services(
                 "upstreams_ejected": [e.name for e in snap.endpoints if not e.available],
             }
 
-        _banner(
+        processes = "" if seat is None else f" ({seat[1]} worker processes)"
+        banner = _banner if seat is None or seat[0] == 0 else (lambda lines: None)
+        banner(
             [
                 f"voicegw {'DEMO' if settings.gateway.demo else 'serving'} on "
-                f"http://{settings.gateway.server.host}:{settings.gateway.server.port}/",
+                f"http://{settings.gateway.server.host}:{settings.gateway.server.port}/"
+                + processes,
                 f"TTS upstream: {upstream_desc}",
                 f"SNAC decoder: {decoder_desc}",
                 f"chat LLM: {llm.base_url or 'not configured'}"
@@ -319,8 +351,17 @@ def _install_metrics(metrics: Metrics, pool: UpstreamPool, worker: DecodeWorker)
             "late_windows": float(s.late_jobs),
         }
 
-    metrics.add_callback(upstream, "voicegw_upstream", "Upstream pool")
-    metrics.add_callback(decoder, "voicegw_decoder", "SNAC decode worker")
+    # With worker processes: counts add up over workers; each worker's own view of the
+    # endpoints and its decoder's figures are per worker.
+    metrics.add_callback(
+        upstream, "voicegw_upstream", "Upstream pool", per_worker=("endpoints_available",)
+    )
+    metrics.add_callback(
+        decoder,
+        "voicegw_decoder",
+        "SNAC decode worker",
+        per_worker=("utilisation", "decode_seconds_per_audio_second", "mean_batch_size"),
+    )
 
 
 def _observe_request(metrics: Metrics, st: RequestStats) -> None:
@@ -336,8 +377,10 @@ def run_server(settings: Settings) -> int:
 
     In order: bind the port, load the SNAC model, start the demo's fake vLLM, serve. Each
     step that fails raises :class:`ServeError` or ``ModelLoadError`` with one line to show,
-    and nothing started before it is left running."""
-    from gateway.decoder.snac_model import load_snac
+    and nothing started before it is left running. With ``server.workers`` other than 1,
+    worker processes serve instead (:mod:`gateway.server.workers`), each loading its own
+    model."""
+    from gateway.server.workers import resolve_workers
 
     srv = settings.gateway.server
     caught: list[int] = []
@@ -360,7 +403,12 @@ def run_server(settings: Settings) -> int:
             settings = dataclasses.replace(
                 settings, gateway=dataclasses.replace(settings.gateway, server=server_settings)
             )
-            model = load_snac(settings.vllm, demo=settings.gateway.demo)
+            workers = resolve_workers(srv.workers)
+            model = None
+            if workers == 1:  # worker processes load their own; their supervisor needs no torch
+                from gateway.decoder.snac_model import load_snac
+
+                model = load_snac(settings.vllm, demo=settings.gateway.demo)
             child: DemoUpstream | None = None
             wiring: DemoWiring | None = None
             if settings.gateway.demo:
@@ -369,6 +417,10 @@ def run_server(settings: Settings) -> int:
                 child.start()
                 settings, chat = child.wire(settings)
                 wiring = DemoWiring(upstream_url=child.base_url, chat=chat, pid=child.pid)
+            if workers > 1:
+                from gateway.server.workers import run_workers
+
+                return run_workers(settings, sock, workers, wiring, child, caught)
             return _serve(
                 settings, sock, functools.partial(real_services, model=model, demo=wiring), child
             )
