@@ -178,10 +178,12 @@ class Gateway:
 
     def local_capacity(self) -> int:
         """Sessions this process should hold before the others take new connections: what
-        it sustains (capacity-aware admission), and no more than it holds now while its
-        admitted sessions miss deadlines."""
+        it sustains (capacity-aware admission; no more than it holds now while its
+        admitted sessions miss deadlines), at most its share of ``max_sessions``."""
         cap = self.admission.capacity
-        return cap.held if cap.late() and cap.held else cap.sessions
+        workers = 1 if self.table is None else self.table.workers
+        share = max(1, self.settings.gateway.limits.max_sessions // workers)
+        return min(share, cap.held if cap.late() and cap.held else cap.sessions)
 
     def should_accept(self) -> bool:
         """Whether this worker should accept connections now (always, serving alone):

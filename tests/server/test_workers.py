@@ -106,7 +106,9 @@ def serving_workers(
     port = free_port()
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "gateway", "serve", "--demo", "--workers", "2",
-           "--port", str(port), "--set", "limits.max_sessions=3"]  # fmt: skip
+           "--port", str(port), "--set", "limits.max_sessions=3",
+           # The limits are the point here: capacity fixed above what one worker's share is.
+           "--set", "limits.capacity=2", "--set", "limits.capacity_late_windows=0"]  # fmt: skip
     with log.open("wb") as out:
         gw = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env(tmp_path))
     pids: list[int] = []
