@@ -134,6 +134,12 @@ class Gateway:
         their turn."""
         self.metrics.add_callback(self._gauges, "voicegw_gateway", "Gateway state")
         self.metrics.add_callback(self._capacity, "voicegw_capacity", "Capacity")
+        self.metrics.add_callback(
+            self._worker_gauges,
+            "voicegw_worker",
+            "This worker process",
+            per_worker=("capacity", "sessions", "reserved"),
+        )
 
     def start_capacity(self, services: Services) -> None:
         """Capacity from what the services measured (the decoder's cost, the upstream's
@@ -168,13 +174,6 @@ class Gateway:
             self.metrics.refusals.labels(got.reason).inc()
             self.metrics.errors.labels(ErrorCode.AT_CAPACITY.value).inc()
         return got
-
-        self.metrics.add_callback(
-            self._worker_gauges,
-            "voicegw_worker",
-            "This worker process",
-            per_worker=("capacity", "sessions", "reserved"),
-        )
 
     def local_capacity(self) -> int:
         """Sessions this process should hold before the others take new connections: what
