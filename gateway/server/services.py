@@ -37,6 +37,8 @@ from gateway.server.pipeline import Pipeline
 
 if TYPE_CHECKING:
     # Imported where they are used, so that the server module does not load torch.
+    import uvicorn
+
     from gateway.decoder.snac_model import LoadedModel
     from gateway.decoder.worker import DecodeWorker, WindowEngine
     from gateway.upstream.pool import RequestStats, UpstreamPool
@@ -439,23 +441,14 @@ def run_server(settings: Settings) -> int:
             signal.raise_signal(caught[0])
 
 
-def _serve(
-    settings: Settings, sock: socket.socket, factory: ServicesFactory, child: DemoUpstream | None
-) -> int:
+def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
+    """uvicorn's config for the gateway's app, in one process or in each worker."""
     import uvicorn
 
-    from gateway.server.app import create_app
-    from gateway.server.drain import DrainingServer
     from gateway.server.listener import server_options
 
-    interval = settings.gateway.decoder.switch_interval_ms
-    if interval > 0:
-        # The decode thread and the event loop share the GIL; the switch interval bounds how
-        # long either holds up the other (docs/design.md, D6).
-        sys.setswitchinterval(interval / 1000.0)
-    app = create_app(settings, factory)
     srv = settings.gateway.server
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=srv.host,
         port=srv.port,
@@ -464,6 +457,22 @@ def _serve(
         # Timeouts, WebSocket frame limit, shutdown: shared with tests (gateway.server.listener).
         **server_options(settings),
     )
+
+
+def _serve(
+    settings: Settings, sock: socket.socket, factory: ServicesFactory, child: DemoUpstream | None
+) -> int:
+
+    from gateway.server.app import create_app
+    from gateway.server.drain import DrainingServer
+
+    interval = settings.gateway.decoder.switch_interval_ms
+    if interval > 0:
+        # The decode thread and the event loop share the GIL; the switch interval bounds how
+        # long either holds up the other (docs/design.md, D6).
+        sys.setswitchinterval(interval / 1000.0)
+    app = create_app(settings, factory)
+    config = uvicorn_config(app, settings)
     # The first SIGTERM drains (live turns end whole, server.drain_timeout_ms at most), then
     # uvicorn shuts down as before; a second SIGTERM or a SIGINT skips the drain.
     server = DrainingServer(config)

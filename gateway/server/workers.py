@@ -114,8 +114,7 @@ class WorkerSpec:
 def build_worker_server(spec: WorkerSpec) -> WorkerServer:
     """In the worker process: claim a row of the table, build the app and its server."""
     from gateway.server.app import create_app
-    from gateway.server.listener import server_options
-    from gateway.server.services import real_services
+    from gateway.server.services import real_services, uvicorn_config
 
     settings = settings_from_tree(spec.settings)
     interval = settings.gateway.decoder.switch_interval_ms
@@ -125,15 +124,7 @@ def build_worker_server(spec: WorkerSpec) -> WorkerServer:
     slot = table.claim(os.getpid())
     factory = functools.partial(real_services, demo=spec.demo, seat=(slot.index, table.workers))
     app = create_app(settings, factory, table=slot)
-    srv = settings.gateway.server
-    config = uvicorn.Config(
-        app,
-        host=srv.host,
-        port=srv.port,
-        loop="uvloop",
-        log_level=srv.log_level,
-        **server_options(settings),
-    )
+    config = uvicorn_config(app, settings)
     gateway: Gateway = app.state.gateway
     return WorkerServer(config, gateway)
 
